@@ -1,0 +1,154 @@
+// CPU highway op: GEMMs through common/linear.h, one fused pointwise pass per layer over rows in
+// parallel (at::parallel_for, so torch.set_num_threads governs it). float32 and float64.
+#include <tuple>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include "common/highway_driver.h"
+#include "cpu/ops_cpu.h"
+#include "elmo_fast/highway_math.h"
+
+namespace elmo_fast {
+namespace {
+
+// Rows per parallel task: enough work (>= ~32k elements) to amortise a task's start.
+int64_t grain_rows(int64_t F) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(F, 1)); }
+
+template <typename T>
+__attribute__((always_inline)) inline void forward_rows(T* proj, const T* x, T* y, int64_t r0, int64_t r1,
+                                                        int64_t F, bool save) {
+  for (int64_t r = r0; r < r1; ++r) {
+    T* p = proj + r * 2 * F;
+    const T* xr = x + r * F;
+    T* yr = y + r * F;
+    // y may alias x, but only element f reads x[f] and writes y[f]: no loop-carried dependence.
+#pragma GCC ivdep
+    for (int64_t f = 0; f < F; ++f) {
+      T h, g;
+      yr[f] = highway_point_forward(p[f], p[F + f], xr[f], &h, &g);
+      if (save) {
+        p[f] = h;
+        p[F + f] = g;
+      }
+    }
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void mix_rows(const T* act, const T* x, T* y, int64_t r0, int64_t r1,
+                                                    int64_t F) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* a = act + r * 2 * F;
+    const T* xr = x + r * F;
+    T* yr = y + r * F;
+#pragma GCC ivdep
+    for (int64_t f = 0; f < F; ++f) yr[f] = highway_mix(xr[f], a[f], a[F + f]);
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void backward_rows(const T* dy, const T* x, const T* act, T* d_proj, T* dx,
+                                                         int64_t r0, int64_t r1, int64_t F) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* a = act + r * 2 * F;
+    const T* dyr = dy + r * F;
+    const T* xr = x + r * F;
+    T* dp = d_proj + r * 2 * F;
+    T* dxr = dx + r * F;
+    // dx may alias dy element-wise (same index only).
+#pragma GCC ivdep
+    for (int64_t f = 0; f < F; ++f) highway_point_backward(dyr[f], xr[f], a[f], a[F + f], &dp[f], &dp[F + f], &dxr[f]);
+  }
+}
+
+// float gets ISA clones (Note [CPU multiversioning]); double is for tests and stays generic.
+EF_CPU_MULTIVERSION void forward_rows_f32(float* p, const float* x, float* y, int64_t r0, int64_t r1, int64_t F,
+                                          bool save) {
+  forward_rows(p, x, y, r0, r1, F, save);
+}
+EF_CPU_MULTIVERSION void mix_rows_f32(const float* a, const float* x, float* y, int64_t r0, int64_t r1, int64_t F) {
+  mix_rows(a, x, y, r0, r1, F);
+}
+EF_CPU_MULTIVERSION void backward_rows_f32(const float* dy, const float* x, const float* a, float* dp, float* dx,
+                                           int64_t r0, int64_t r1, int64_t F) {
+  backward_rows(dy, x, a, dp, dx, r0, r1, F);
+}
+void forward_rows_any(float* p, const float* x, float* y, int64_t r0, int64_t r1, int64_t F, bool save) {
+  forward_rows_f32(p, x, y, r0, r1, F, save);
+}
+void forward_rows_any(double* p, const double* x, double* y, int64_t r0, int64_t r1, int64_t F, bool save) {
+  forward_rows(p, x, y, r0, r1, F, save);
+}
+void mix_rows_any(const float* a, const float* x, float* y, int64_t r0, int64_t r1, int64_t F) {
+  mix_rows_f32(a, x, y, r0, r1, F);
+}
+void mix_rows_any(const double* a, const double* x, double* y, int64_t r0, int64_t r1, int64_t F) {
+  mix_rows(a, x, y, r0, r1, F);
+}
+void backward_rows_any(const float* dy, const float* x, const float* a, float* dp, float* dx, int64_t r0, int64_t r1,
+                       int64_t F) {
+  backward_rows_f32(dy, x, a, dp, dx, r0, r1, F);
+}
+void backward_rows_any(const double* dy, const double* x, const double* a, double* dp, double* dx, int64_t r0,
+                       int64_t r1, int64_t F) {
+  backward_rows(dy, x, a, dp, dx, r0, r1, F);
+}
+
+struct CpuHighwayPointwise {
+  void forward(at::Tensor& proj, const at::Tensor& x, at::Tensor& y, bool save) const {
+    const int64_t N = x.size(0), F = x.size(1);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "highway_cpu", [&] {
+      scalar_t* p = proj.data_ptr<scalar_t>();
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      at::parallel_for(0, N, grain_rows(F),
+                       [&](int64_t r0, int64_t r1) { forward_rows_any(p, xp, yp, r0, r1, F, save); });
+    });
+  }
+  void mix(const at::Tensor& act, const at::Tensor& x, at::Tensor& y) const {
+    const int64_t N = x.size(0), F = x.size(1);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "highway_mix_cpu", [&] {
+      const scalar_t* a = act.data_ptr<scalar_t>();
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      at::parallel_for(0, N, grain_rows(F), [&](int64_t r0, int64_t r1) { mix_rows_any(a, xp, yp, r0, r1, F); });
+    });
+  }
+  void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& act, at::Tensor& d_proj,
+                at::Tensor& dx) const {
+    const int64_t N = x.size(0), F = x.size(1);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "highway_backward_cpu", [&] {
+      const scalar_t* dyp = dy.data_ptr<scalar_t>();
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      const scalar_t* a = act.data_ptr<scalar_t>();
+      scalar_t* dp = d_proj.data_ptr<scalar_t>();
+      scalar_t* dxp = dx.data_ptr<scalar_t>();
+      at::parallel_for(0, N, grain_rows(F),
+                       [&](int64_t r0, int64_t r1) { backward_rows_any(dyp, xp, a, dp, dxp, r0, r1, F); });
+    });
+  }
+};
+
+void check_cpu_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "highway on CPU supports float32 and float64, got ", x.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> highway_cpu(const at::Tensor& x, at::TensorList weight, at::TensorList bias,
+                                               bool save_activations) {
+  check_cpu_dtype(x);
+  return highway_forward_driver(x, weight, bias, save_activations, CpuHighwayPointwise{});
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> highway_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& activations, at::TensorList weight) {
+  check_cpu_dtype(x);
+  return highway_backward_driver(grad_out, x, activations, weight, CpuHighwayPointwise{});
+}
+
+}  // namespace elmo_fast

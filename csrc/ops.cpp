@@ -1,0 +1,80 @@
+// The elmo_fast operator library: every schema in one place, the CPU implementations, and the
+// Python module `elmo_fast._C` (no pybind11: loading it runs these static registrations).
+// CUDA implementations register themselves in csrc/cuda/*_glue.cpp.
+#include <Python.h>
+
+#include <ATen/Config.h>
+#include <torch/library.h>
+
+#include "cpu/ops_cpu.h"
+
+#ifndef ELMO_FAST_TORCH_VERSION
+#define ELMO_FAST_TORCH_VERSION "unknown"
+#endif
+#ifndef ELMO_FAST_CUDA_ARCHS
+#define ELMO_FAST_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(elmo_fast, m) {
+  // x (N, F); weight[k] (2F, F); bias[k] (2F,). Returns y (N, F) and, when save_activations, the
+  // activations backward needs: (k, N, 2F) = per layer [relu(nonlinear) | sigmoid(gate)]; else (0,).
+  m.def("highway(Tensor x, Tensor[] weight, Tensor[] bias, bool save_activations) -> (Tensor, Tensor)");
+  m.def(
+      "highway_backward(Tensor grad_out, Tensor x, Tensor activations, Tensor[] weight)"
+      " -> (Tensor, Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(elmo_fast, CPU, m) {
+  m.impl("highway", &elmo_fast::highway_cpu);
+  m.impl("highway_backward", &elmo_fast::highway_backward_cpu);
+}
+
+namespace {
+
+int add_str(PyObject* dict, const char* key, const char* value) {
+  PyObject* v = PyUnicode_FromString(value);
+  if (v == nullptr) return -1;
+  const int rc = PyDict_SetItemString(dict, key, v);
+  Py_DECREF(v);
+  return rc;
+}
+
+int add_bool(PyObject* dict, const char* key, bool value) {
+  return PyDict_SetItemString(dict, key, value ? Py_True : Py_False);
+}
+
+// What this binary was built with; elmo_fast.build_info() adds the package version.
+PyObject* build_info(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (d == nullptr) return nullptr;
+#if defined(WITH_CUDA)
+  const bool cuda = true;
+#else
+  const bool cuda = false;
+#endif
+#if defined(__clang__)
+  const char* compiler = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  const char* compiler = "gcc " __VERSION__;
+#else
+  const char* compiler = "unknown";
+#endif
+  if (add_str(d, "torch", ELMO_FAST_TORCH_VERSION) || add_bool(d, "cuda", cuda) ||
+      add_str(d, "cuda_arch", ELMO_FAST_CUDA_ARCHS) || add_bool(d, "openmp", AT_PARALLEL_OPENMP != 0) ||
+      add_str(d, "compiler", compiler) || add_str(d, "cplusplus", std::to_string(__cplusplus).c_str())) {
+    Py_DECREF(d);
+    return nullptr;
+  }
+  return d;
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "What elmo_fast._C was built with."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "elmo_fast's compiled operators", -1, methods};
+
+}  // namespace
+
+extern "C" PyObject* PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,102 @@
+"""The hot paths as functions: tensors in, tensors out. Each validates its arguments (a clear
+ValueError/TypeError naming the argument) and calls the fused op in torch.ops.elmo_fast.
+
+char_cnn and lstm_projection still run elmo_fast.reference until their fused ops land; their
+signatures are final, so callers do not change when the implementation underneath does.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from elmo_fast import _ops  # noqa: F401  (registers torch.ops.elmo_fast.*)
+from elmo_fast import reference
+
+__all__ = ["highway", "char_cnn", "lstm_projection"]
+
+_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def _check_tensor(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_float_dtype(t: torch.Tensor, name: str) -> None:
+    allowed = _DTYPES.get(t.device.type)
+    if allowed is None:
+        raise ValueError(f"{name} is on {t.device}; elmo_fast supports cpu and cuda tensors")
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must have dtype {names} on {t.device.type}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def _check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+
+
+def _check_tensor_list(values, name: str) -> list:
+    if isinstance(values, torch.Tensor) or not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list of tensors, got {type(values).__name__}")
+    return [_check_tensor(v, f"{name}[{k}]") for k, v in enumerate(values)]
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def highway(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """AllenNLP's highway stack (spec §4.2 step 4) as one fused op per call.
+
+    x: (N, F); weights[k]: (2F, F); biases[k]: (2F,) -> (N, F). Per layer k:
+    proj = x @ W_k^T + b_k; x <- g * x + (1 - g) * relu(proj[:, :F]) with g = sigmoid(proj[:, F:]).
+    """
+    x = _check_tensor(x, "x")
+    weights = _check_tensor_list(weights, "weights")
+    biases = _check_tensor_list(biases, "biases")
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape (N, F), got {tuple(x.shape)}")
+    _check_float_dtype(x, "x")
+    if len(weights) != len(biases):
+        raise ValueError(f"weights and biases must have one entry per layer, got {len(weights)} and {len(biases)}")
+    f = x.shape[1]
+    for k, (w, b) in enumerate(zip(weights, biases)):
+        if tuple(w.shape) != (2 * f, f):
+            raise ValueError(f"weights[{k}] must have shape (2F, F) = {(2 * f, f)} for x of F = {f}, got {tuple(w.shape)}")
+        if tuple(b.shape) != (2 * f,):
+            raise ValueError(f"biases[{k}] must have shape (2F,) = {(2 * f,)}, got {tuple(b.shape)}")
+        _check_like(w, x, f"weights[{k}]", "x")
+        _check_like(b, x, f"biases[{k}]", "x")
+    save = _needs_grad(x, *weights, *biases)
+    y, _ = torch.ops.elmo_fast.highway(x, weights, biases, save)
+    return y
+
+
+def char_cnn(char_ids: torch.Tensor, embedding: torch.Tensor, weights: Sequence[torch.Tensor],
+             biases: Sequence[torch.Tensor], activation: str = "relu") -> torch.Tensor:
+    """ELMo's character CNN (spec §4.2 steps 1-3).
+
+    char_ids: (N, C) int64 in 0..261 (0 = padding slot); embedding: (262, d);
+    weights[i]: (m_i, d, w_i) (Conv1d layout); biases[i]: (m_i,) -> (N, sum m_i):
+    concat over i of act(max_t conv_i(embedding[char_ids])[t] + b_i), act = relu or tanh.
+    """
+    return reference.char_cnn(char_ids, embedding, weights, biases, activation)
+
+
+def lstm_projection(x: torch.Tensor, lengths: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                    bias: Optional[torch.Tensor], w_proj: Optional[torch.Tensor], h0: torch.Tensor,
+                    c0: torch.Tensor, cell_clip: Optional[float] = None, proj_clip: Optional[float] = None,
+                    reverse: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer, one direction of ELMo's LSTM with projection over a whole batch (spec §5.1-5.2).
+
+    x: (B, T, I); lengths: (B,) int64, each <= T; w_ih: (4n, I); w_hh: (4n, P); bias: (4n,) or None;
+    w_proj: (P, n) or None (plain LSTM, P = n); h0: (B, P); c0: (B, n). Gate order [i, f, j, o].
+    Returns out (B, T, P) (zero at t >= length), h_n (B, P), c_n (B, n).
+    """
+    return reference.lstm_projection(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, reverse)

@@ -1,0 +1,81 @@
+"""Builds elmo_fast._C: a CUDAExtension when torch has CUDA and nvcc is found (no GPU is needed to
+compile), else a CppExtension. ELMO_FAST_CUDA=1 requires CUDA, 0 disables it, unset = auto.
+
+Always build with `pip install --no-build-isolation ...`: the extension must be compiled against
+the torch that will import it (torch is deliberately not in build-system.requires).
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# torch guesses CUDA_HOME from `which nvcc`, which may be a wrapper script outside the toolkit;
+# settle it before torch.utils.cpp_extension computes it at import.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+try:
+    import torch
+except ImportError:
+    sys.exit(
+        "elmo_fast: torch is not importable in the build environment. The extension must be built "
+        "against the torch you run it with; install torch first, then build without isolation:\n"
+        "    pip install --no-build-isolation -e .      (or: pip install --no-build-isolation .)"
+    )
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # A100, H100 (+PTX so newer GPUs JIT from sm_90)
+
+
+def want_cuda() -> bool:
+    force = os.environ.get("ELMO_FAST_CUDA", "").strip()
+    if force not in ("", "0", "1"):
+        sys.exit(f"elmo_fast: ELMO_FAST_CUDA must be 0, 1 or unset, got {force!r}")
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    have = torch.version.cuda is not None and nvcc is not None and os.path.exists(nvcc)
+    if force == "1" and not have:
+        sys.exit(
+            "elmo_fast: ELMO_FAST_CUDA=1 but a CUDA build is impossible here: "
+            f"torch {torch.__version__} has torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
+            + ("" if nvcc is None else f", nvcc {'found' if os.path.exists(nvcc) else 'missing'} at {nvcc}")
+            + ". Install a CUDA build of torch and the CUDA toolkit (nvcc), or set CUDA_HOME."
+        )
+    return have if force == "" else force == "1"
+
+
+def c_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def extension():
+    cuda = want_cuda()
+    debug = os.environ.get("ELMO_FAST_DEBUG") == "1"
+    sources = [os.path.relpath(p, ROOT) for p in [os.path.join(ROOT, "csrc", "ops.cpp")] + sorted(
+        glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    macros = [("Py_LIMITED_API", "0x030A0000"), ("ELMO_FAST_TORCH_VERSION", c_string(torch.__version__))]
+    # Without -g the build is ~25% faster and the .so ~10x smaller; ELMO_FAST_DEBUG=1 restores it.
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    cxx += ["-fno-math-errno"]  # lets gcc vectorize the math in the pointwise loops
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    if not cuda:
+        return CppExtension("elmo_fast._C", sources, include_dirs=include_dirs, define_macros=macros,
+                            extra_compile_args={"cxx": cxx}, py_limited_api=True)
+    # No GPU at build time means torch cannot guess the archs (and crashes); default to a short list.
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_glue.cpp")))]
+    macros += [("WITH_CUDA", None), ("ELMO_FAST_CUDA_ARCHS", c_string(archs))]
+    nvcc = ["-O3", "-lineinfo"] + (["-G"] if debug else [])
+    return CUDAExtension("elmo_fast._C", sources, include_dirs=include_dirs, define_macros=macros,
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, py_limited_api=True)
+
+
+setup(
+    packages=find_packages(include=["elmo_fast", "elmo_fast.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
