@@ -26,14 +26,19 @@ def load_extension():
     try:
         from elmo_fast import _C
     except ImportError as error:
-        text = str(error)
-        if "undefined symbol" in text or "cannot open shared object" in text:
-            raise ImportError(
-                f"elmo_fast._C cannot be loaded with torch {torch.__version__} ({text}). It was most likely "
-                f"built against another torch. {REBUILD_HINT}"
-            ) from error
-        if "No module named" in text and "_C" in text:
-            raise ImportError(f"elmo_fast._C is not built. {REBUILD_HINT}") from error
-        raise
+        raise explain_import_error(error) from error
     check_torch_version(_C.build_info()["torch"], torch.__version__)
     return _C
+
+
+def explain_import_error(error: ImportError) -> ImportError:
+    """Turn the loader's failure into an error that says what to do."""
+    text = str(error)
+    if "undefined symbol" in text or "cannot open shared object" in text:
+        return ImportError(
+            f"elmo_fast._C cannot be loaded with torch {torch.__version__} ({text}). It was most likely "
+            f"built against another torch. {REBUILD_HINT}"
+        )
+    if "No module named" in text and "_C" in text:
+        return ImportError(f"elmo_fast._C is not built. {REBUILD_HINT}")
+    return error

@@ -1,0 +1,64 @@
+"""The `elmo-fast` command: `info` (what was built, what devices exist) and `bench` (microbenchmarks)."""
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+
+def _info(args: argparse.Namespace) -> int:
+    import elmo_fast
+
+    info = elmo_fast.build_info()
+    info["cuda_available"] = torch.cuda.is_available()
+    info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info["threads"] = torch.get_num_threads()
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from elmo_fast import benchmark
+
+    if args.quick:
+        shapes, repeats, models = [(16, 20)], 2, [args.model or "original"]
+    else:
+        shapes, repeats, models = [(16, 20), (64, 32)], 3, [args.model or "original"]
+    threads = [args.threads] if args.threads else [1, 2]
+    modes = ["forward", "forward+backward"]
+    print(f"# machine: {json.dumps(benchmark.machine())}")
+    print(f"# dtype float32, median of {repeats} after 1 warm-up; speedup = reference time / time")
+    results = benchmark.run(args.op or list(benchmark.CASES), models, shapes, threads, modes, repeats=repeats)
+    print()
+    print(benchmark.table(results))
+    path = os.path.join(args.out, f"cpu-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    benchmark.write_json(results, path)
+    print(f"\nwrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elmo-fast", description="A fast, faithful ELMo.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print build facts and devices")
+    info.set_defaults(func=_info)
+    bench = sub.add_parser("bench", help="run the microbenchmarks and print a table")
+    bench.add_argument("--model", choices=["small", "medium", "original"], default=None)
+    bench.add_argument("--op", action="append", choices=["highway"], help="op to run (repeatable); default all")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 and 2)")
+    bench.add_argument("--quick", action="store_true", help="one shape, two repeats")
+    bench.add_argument("--out", default=os.path.join("bench", "results"), help="directory for the JSON results")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

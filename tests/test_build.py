@@ -1,0 +1,42 @@
+"""The extension's build facts and the loader's error messages."""
+import pytest
+import torch
+
+import elmo_fast
+from elmo_fast import _loader
+
+
+def test_build_info_reports_the_build():
+    info = elmo_fast.build_info()
+    assert set(info) >= {"version", "torch", "cuda", "cuda_arch", "openmp", "compiler"}
+    assert info["version"] == elmo_fast.__version__
+    assert info["torch"] == torch.__version__
+    assert isinstance(info["cuda"], bool) and isinstance(info["openmp"], bool)
+    assert isinstance(info["cuda_arch"], list)
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("elmo_fast::highway", "CUDA")
+    assert info["cuda"] == has_cuda_kernel
+    assert bool(info["cuda_arch"]) == info["cuda"]
+
+
+def test_every_op_has_a_cpu_kernel():
+    for op in ["highway", "highway_backward"]:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"elmo_fast::{op}", "CPU"), op
+
+
+def test_torch_version_mismatch_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("ELMO_FAST_ALLOW_TORCH_MISMATCH", raising=False)
+    _loader.check_torch_version("2.14.1+cu130", "2.14.1+cu130")
+    with pytest.raises(ImportError, match=r"(?s)built against torch 2.13.0.*torch 2.14.1\+cu130 is installed.*"
+                                          r"--no-build-isolation"):
+        _loader.check_torch_version("2.13.0", "2.14.1+cu130")
+    monkeypatch.setenv("ELMO_FAST_ALLOW_TORCH_MISMATCH", "1")
+    _loader.check_torch_version("2.13.0", "2.14.1+cu130")
+
+
+def test_undefined_symbol_is_explained():
+    error = _loader.explain_import_error(ImportError("/x/_C.abi3.so: undefined symbol: _ZN3c104cuda9SetDeviceEa"))
+    assert "built against another torch" in str(error) and "--no-build-isolation" in str(error)
+    missing = _loader.explain_import_error(ImportError("No module named 'elmo_fast._C'"))
+    assert "is not built" in str(missing)
+    other = ImportError("something else")
+    assert _loader.explain_import_error(other) is other

@@ -1,0 +1,29 @@
+"""Helpers for comparing fused ops with elmo_fast.reference."""
+import torch
+
+# Per dtype: forward tolerances for a fused op against the float64-exact reference evaluated in
+# the same dtype. float32 differs by GEMM blocking order and the vectorised exp (2 ulp).
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+}
+
+
+def assert_close_verbose(actual, expected, name="", **tol):
+    """torch.testing.assert_close, with the max and mean |diff| in the message."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    if actual.numel():
+        diff = (actual.double() - expected.double()).abs()
+        detail = f"{name}: max |diff| {diff.max().item():.3e}, mean {diff.mean().item():.3e}"
+    else:
+        detail = f"{name}: empty"
+    torch.testing.assert_close(actual, expected, msg=lambda m: f"{detail}\n{m}", **tol)
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a tensor whose last dim has stride 2 (a slice of a wider one)."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    out = wide[..., ::2]
+    assert not out.is_contiguous() or t.shape[-1] <= 1
+    return out.requires_grad_(t.requires_grad)
