@@ -2,6 +2,8 @@
 from elmo_fast._version import __version__
 from elmo_fast import _ops  # noqa: F401  (loads _C: registers torch.ops.elmo_fast.*)
 from elmo_fast import functional, nn  # noqa: F401
+from elmo_fast.chars import batch_to_ids
+from elmo_fast.elmo import Elmo, ElmoBiLm, ElmoCharacterEncoder, ElmoLstm, ScalarMix
 
 
 def build_info() -> dict:
@@ -15,4 +17,6 @@ def build_info() -> dict:
     return {"version": __version__, **info}
 
 
-__all__ = ["__version__", "build_info", "functional", "nn"]
+__all__ = ["__version__", "build_info", "functional", "nn", "batch_to_ids", "Elmo", "ElmoBiLm",
+           "ElmoCharacterEncoder", "ElmoLstm", "ScalarMix"]
+from elmo_fast.embedder import ElmoEmbedder  # noqa: E402,F401  (public API; see design.md §4)
