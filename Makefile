@@ -19,7 +19,7 @@ endif
 export MAX_JOBS ?= 2
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: test bench bench-quick build install cmake clean venv
+.PHONY: test bench bench-quick build install cmake clean venv gpu-verify
 .DEFAULT_GOAL := test
 
 $(VENV)/.deps-installed:
@@ -48,6 +48,10 @@ bench: build
 
 bench-quick: build
 	$(PY) -m elmo_fast.cli bench --quick
+
+# On a GPU machine with torch installed (no venv, no internet): build, CUDA tests, sanitizers, benchmarks.
+gpu-verify:
+	scripts/gpu-verify
 
 # The same library through CMake (for C++ users and IDEs); CPU only unless ELMO_FAST_CUDA=1.
 cmake: venv

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from elmo_fast import functional, reference
+from elmo_fast import bench_data, functional, reference
 
 # Published model sizes (spec §1): LSTM cell size n, projection P, highway layers; all share the
 # 2048-filter char-CNN (F = 2048).
@@ -55,33 +55,111 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def _grad_runner(fn, inputs, backward):
+    """fn() -> tensor or tuple of tensors; with backward, also the gradients of every input."""
+    def run():
+        out = fn()
+        if backward:
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            outs = [o for o in outs if o.requires_grad]
+            torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], [torch.ones_like(o) for o in outs])
+    return run
+
+
+def _leaves(tensors, dtype, backward):
+    return [t.to(dtype).requires_grad_(backward) for t in tensors]
+
+
 def _highway_case(model: str, batch: int, words: int, dtype: torch.dtype, backward: bool):
     layers = MODELS[model]["n_highway"]
     n, f = batch * (words + 2), NUM_FILTERS  # tokens incl. BOS/EOS
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, f, generator=gen).to(dtype)
-    weights = [(torch.randn(2 * f, f, generator=gen) / f**0.5).to(dtype) for _ in range(layers)]
-    biases = [torch.randn(2 * f, generator=gen).to(dtype) for _ in range(layers)]
-    if backward:
-        for t in [x, *weights, *biases]:
-            t.requires_grad_(True)
-    grad = torch.randn(n, f, generator=gen).to(dtype)
-
-    def runner(fn):
-        def run():
-            out = fn(x, weights, biases)
-            if backward:
-                torch.autograd.grad(out, [x, *weights, *biases], grad)
-        return run
-
-    return n, {"reference": runner(reference.highway), "elmo_fast": runner(functional.highway)}
+    x, *params = _leaves([torch.randn(n, f, generator=gen)]
+                         + [torch.randn(2 * f, f, generator=gen) / f**0.5 for _ in range(layers)]
+                         + [torch.randn(2 * f, generator=gen) for _ in range(layers)], dtype, backward)
+    weights, biases = params[:layers], params[layers:]
+    inputs = [x, *params]
+    return n, {"reference": _grad_runner(lambda: reference.highway(x, weights, biases), inputs, backward),
+               "elmo_fast": _grad_runner(lambda: functional.highway(x, weights, biases), inputs, backward)}
 
 
-CASES = {"highway": _highway_case}
+def _char_ids(batch: int, words: int, text: str) -> torch.Tensor:
+    from elmo_fast.chars import batch_to_ids
+
+    sentences = (bench_data.english_sentences if text == "english" else bench_data.random_sentences)(batch, words)
+    ids, _ = reference.add_sentence_boundaries(batch_to_ids(sentences))
+    return ids
+
+
+def _char_cnn_case(model: str, batch: int, words: int, dtype: torch.dtype, backward: bool, text: str = "english"):
+    options, state = bench_data.model_state(model)
+    ids = _char_ids(batch, words, text).reshape(-1, 50)
+    filters = options["char_cnn"]["filters"]
+    emb, *params = _leaves([state["_token_embedder._char_embedding_weights"]]
+                           + [state[f"_token_embedder.char_conv_{i}.weight"] for i in range(len(filters))]
+                           + [state[f"_token_embedder.char_conv_{i}.bias"] for i in range(len(filters))],
+                           dtype, backward)
+    weights, biases = params[:len(filters)], params[len(filters):]
+    act = options["char_cnn"]["activation"]
+    inputs = [emb, *params]
+    return ids.shape[0], {
+        "reference": _grad_runner(lambda: reference.char_cnn(ids, emb, weights, biases, act), inputs, backward),
+        "elmo_fast": _grad_runner(lambda: functional.char_cnn(ids, emb, weights, biases, act), inputs, backward)}
+
+
+def _lstm_case(model: str, batch: int, words: int, dtype: torch.dtype, backward: bool):
+    """One layer-direction of the biLM on (words + 2) steps, all rows full length."""
+    n, p = MODELS[model]["dim"], MODELS[model]["projection_dim"]
+    steps = words + 2
+    gen = torch.Generator().manual_seed(0)
+    x, w_ih, w_hh, bias, w_proj = _leaves([torch.randn(batch, steps, p, generator=gen),
+                                          torch.randn(4 * n, p, generator=gen) / p**0.5,
+                                          torch.randn(4 * n, p, generator=gen) / p**0.5,
+                                          torch.randn(4 * n, generator=gen) * 0.1,
+                                          torch.randn(p, n, generator=gen) / n**0.5], dtype, backward)
+    lengths = torch.full((batch,), steps, dtype=torch.long)
+    h0, c0 = torch.zeros(batch, p, dtype=dtype), torch.zeros(batch, n, dtype=dtype)
+    inputs = [x, w_ih, w_hh, bias, w_proj]
+    native = torch.nn.LSTM(p, n, proj_size=p, batch_first=True).to(dtype)
+    with torch.no_grad():  # same weights; torch has no clips, so the clips are off for all three
+        native.weight_ih_l0.copy_(w_ih)
+        native.weight_hh_l0.copy_(w_hh)
+        native.bias_ih_l0.copy_(bias)
+        native.bias_hh_l0.zero_()
+        native.weight_hr_l0.copy_(w_proj)
+    native.requires_grad_(backward)
+    args = (x, lengths, w_ih, w_hh, bias, w_proj, h0, c0)
+    return batch * steps, {
+        "reference": _grad_runner(lambda: reference.lstm_projection(*args)[0], inputs, backward),
+        "torch.nn.LSTM": _grad_runner(lambda: native(x)[0], [x, *native.parameters()], backward),
+        "elmo_fast": _grad_runner(lambda: functional.lstm_projection(*args)[0], inputs, backward)}
+
+
+def _elmo_case(model: str, batch: int, words: int, dtype: torch.dtype, backward: bool, text: str = "english"):
+    """The whole biLM (char encoder + 2-layer biLSTM) from char ids, stateless."""
+    from elmo_fast.chars import batch_to_ids
+    from elmo_fast.elmo import ElmoBiLm
+
+    options, state = bench_data.model_state(model)
+    sentences = (bench_data.english_sentences if text == "english" else bench_data.random_sentences)(batch, words)
+    ids = batch_to_ids(sentences)
+    module = ElmoBiLm(*bench_data.model_files(model), requires_grad=backward, stateful=False).to(dtype)
+    ref_state = {k: v.to(dtype).requires_grad_(backward) for k, v in state.items()}
+    fast_inputs = list(module.parameters())
+    ref_inputs = list(ref_state.values())
+    return batch * words, {
+        "reference": _grad_runner(lambda: reference.elmo_bilm(ids, ref_state, options)[0][-1], ref_inputs, backward),
+        "elmo_fast": _grad_runner(lambda: module(ids)["activations"][-1], fast_inputs, backward)}
+
+
+CASES = {"highway": _highway_case, "char_cnn": _char_cnn_case, "lstm_projection": _lstm_case,
+         "elmo": _elmo_case}
 
 
 def run(ops: List[str], models: List[str], shapes: List[tuple], threads: List[int], modes: List[str],
-        dtype: torch.dtype = torch.float32, repeats: int = 3, progress: Callable[[str], None] = print) -> List[Result]:
+        dtype: torch.dtype = torch.float32, repeats: int = 3, progress: Callable[[str], None] = print,
+        full: bool = False) -> List[Result]:
+    """Time every (op, model, shape, mode, threads) cell; the whole biLM's backward only when full."""
     results = []
     saved_threads = torch.get_num_threads()
     try:
@@ -89,6 +167,8 @@ def run(ops: List[str], models: List[str], shapes: List[tuple], threads: List[in
             for model in models:
                 for batch, words in shapes:
                     for mode in modes:
+                        if op == "elmo" and mode != "forward" and not full:
+                            continue  # the reference biLM's backward alone takes ~20 s at 16 x 20
                         tokens, impls = CASES[op](model, batch, words, dtype, mode == "forward+backward")
                         for nthreads in threads:
                             torch.set_num_threads(nthreads)
@@ -106,12 +186,12 @@ def run(ops: List[str], models: List[str], shapes: List[tuple], threads: List[in
 
 def format_row(r: Result) -> str:
     return (f"{r.op:<16} {r.mode:<17} {r.model:<9} {r.shape:>6} {r.dtype:<8} {r.threads:>2} thr "
-            f"{r.impl:<10} {r.median_s * 1e3:9.2f} ms  {r.tokens / r.median_s:10.0f} tok/s  x{r.speedup:.2f}")
+            f"{r.impl:<13} {r.median_s * 1e3:9.2f} ms  {r.tokens / r.median_s:10.0f} tok/s  x{r.speedup:.2f}")
 
 
 def table(results: List[Result]) -> str:
     header = (f"{'op':<16} {'mode':<17} {'model':<9} {'shape':>6} {'dtype':<8} {'threads':>7} "
-              f"{'impl':<10} {'median':>12}  {'throughput':>16}  vs reference")
+              f"{'impl':<13} {'median':>12}  {'throughput':>16}  vs reference")
     return "\n".join([header] + [format_row(r) for r in results])
 
 

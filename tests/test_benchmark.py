@@ -1,0 +1,31 @@
+"""The benchmark driver runs, times both implementations and writes its JSON (not a speed test)."""
+import json
+
+from elmo_fast import benchmark, bench_data, cli
+
+
+def test_driver_times_reference_and_fused_and_writes_json(tmp_path):
+    results = benchmark.run(["highway"], ["small"], [(1, 3)], [1], ["forward", "forward+backward"], repeats=1,
+                            progress=lambda line: None)
+    assert {(r.mode, r.impl) for r in results} == {(m, i) for m in ["forward", "forward+backward"]
+                                                   for i in ["reference", "elmo_fast"]}
+    assert all(r.median_s > 0 and r.tokens == 5 and r.threads == 1 for r in results)
+    assert "highway" in benchmark.table(results)
+    path = tmp_path / "out.json"
+    benchmark.write_json(results, str(path))
+    data = json.loads(path.read_text())
+    assert data["machine"]["torch"] and len(data["results"]) == 4
+
+
+def test_english_sentences_are_real_text():
+    sentences = bench_data.english_sentences(4, 10)
+    assert [len(s) for s in sentences] == [10] * 4
+    assert sentences == bench_data.english_sentences(4, 10)  # deterministic
+    words = [w for s in sentences for w in s]
+    assert len(set(words)) < len(words)  # real text repeats itself
+
+
+def test_cli_info(capsys):
+    assert cli.main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "torch" in info and "cuda_available" in info
