@@ -143,12 +143,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   at::Tensor dh_state = grad_h_n.index_select(0, plan.perm).contiguous();                 // (B, P)
   at::Tensor dc_state = grad_c_n.index_select(0, plan.perm).to(acc.dtype()).contiguous();  // (B, n)
-  at::Tensor grad_w_ih = at::zeros_like(w_ih), grad_w_hh = at::zeros_like(w_hh);
-  at::Tensor grad_bias = has_bias ? at::zeros({4 * n}, x.options()) : at::empty({0}, x.options());
-  at::Tensor grad_w_proj = has_proj ? at::zeros_like(w_proj) : at::empty({0}, x.options());
+  at::Tensor grad_w_ih, grad_w_hh, grad_bias, grad_w_proj;  // set below: zeros only when nothing ran
   at::Tensor grad_x = at::zeros({B, T, d.I}, x.options());
-
-  if (total > 0) {
+  if (total == 0) {
+    grad_w_ih = at::zeros_like(w_ih);
+    grad_w_hh = at::zeros_like(w_hh);
+    grad_bias = at::zeros({has_bias ? 4 * n : 0}, x.options());
+    grad_w_proj = has_proj ? at::zeros_like(w_proj) : at::empty({0}, x.options());
+  } else {
     const at::Tensor act = activations.contiguous();
     const at::Tensor gates_all = act.narrow(0, 0, total * 4 * n).view({total, 4 * n});
     const at::Tensor c_all = act.narrow(0, B * T * 4 * n, total * n).view({total, n});
@@ -179,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor xp = x.view({B * T, d.I}).index_select(0, plan.pack_index);
     grad_w_ih = matmul_tn(dz_all, xp);
     grad_w_hh = matmul_tn(dz_all, hbuf.index_select(0, plan.prev_index));
-    if (has_bias) grad_bias = dz_all.sum(0);
-    if (has_proj) grad_w_proj = matmul_tn(dh_all, m_all);
+    grad_bias = has_bias ? dz_all.sum(0) : at::empty({0}, x.options());
+    grad_w_proj = has_proj ? matmul_tn(dh_all, m_all) : at::empty({0}, x.options());
     grad_x.view({B * T, d.I}).index_copy_(0, plan.pack_index, at::mm(dz_all, w_ih));
   }
   at::Tensor grad_h0 = at::empty_like(h0, at::MemoryFormat::Contiguous);
