@@ -1,4 +1,4 @@
-"""CPU timing of one ELMo LSTM layer-direction: elmo_fast's lstm_projection vs torch.nn.LSTM(proj_size)
+"""CPU timing (wall and process CPU time) of one ELMo LSTM layer-direction: elmo_fast's lstm_projection vs torch.nn.LSTM(proj_size)
 vs reference.lstm_projection (AllenNLP's per-step algorithm), and the GEMM floor (the same GEMMs through
 torch.mm alone). Median of repeats. Usage: python bench/bench_lstm_cpu.py [--threads 1 2] [--B 16 --T 22]
 """
@@ -15,13 +15,16 @@ from elmo_fast import reference as R
 
 
 def median_ms(fn, repeats):
+    """Median wall ms and median process CPU ms (user + sys over all threads): on a shared, loaded
+    machine the CPU time is the steadier figure at 1 thread."""
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return dict(wall=round(statistics.median(wall), 1), cpu=round(statistics.median(cpu), 1))
 
 
 def main():
