@@ -22,11 +22,29 @@ TORCH_LIBRARY(elmo_fast, m) {
   m.def(
       "highway_backward(Tensor grad_out, Tensor x, Tensor activations, Tensor[] weight)"
       " -> (Tensor, Tensor[], Tensor[])");
+  // One layer, one direction of an LSTM with projection over a batch (design.md §3, spec §5):
+  // x (B, T, I); lengths (B,) int64 on the CPU (as torch's pack_padded_sequence), each in [0, T];
+  // w_ih (4n, I); w_hh (4n, P); bias (4n,); w_proj (P, n) or none (then P = n); h0 (B, P); c0 (B, n);
+  // gate blocks [i, f, j, o]; a clip <= 0 means none; reverse runs each row backwards within its
+  // length. Returns out (B, T, P) (zero at t >= length), h_n, c_n, and the activations backward
+  // needs (flat, see csrc/common/lstm_driver.h) when save_activations, else (0,).
+  m.def(
+      "lstm_projection(Tensor x, Tensor lengths, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? w_proj,"
+      " Tensor h0, Tensor c0, float cell_clip, float proj_clip, bool reverse, bool save_activations)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  // Grads for x, w_ih, w_hh, bias ((0,) unless has_bias), w_proj ((0,) without it), h0, c0.
+  m.def(
+      "lstm_projection_backward(Tensor grad_out, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor lengths,"
+      " Tensor w_ih, Tensor w_hh, Tensor? w_proj, Tensor h0, Tensor c0, Tensor out, Tensor activations,"
+      " bool has_bias, float cell_clip, float proj_clip, bool reverse)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(elmo_fast, CPU, m) {
   m.impl("highway", &elmo_fast::highway_cpu);
   m.impl("highway_backward", &elmo_fast::highway_backward_cpu);
+  m.impl("lstm_projection", &elmo_fast::lstm_projection_cpu);
+  m.impl("lstm_projection_backward", &elmo_fast::lstm_projection_backward_cpu);
 }
 
 namespace {

@@ -36,3 +36,57 @@ def _highway_backward(ctx, grad_out, _grad_activations):
 
 
 torch.library.register_autograd("elmo_fast::highway", _highway_backward, setup_context=_highway_setup_context)
+
+
+# --- lstm_projection -------------------------------------------------------------------------
+
+def _acc_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@torch.library.register_fake("elmo_fast::lstm_projection")
+def _lstm_projection_fake(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, reverse,
+                          save_activations):
+    b, t, _ = x.shape
+    n, p = c0.shape[1], h0.shape[1]
+    size = b * t * 5 * n if save_activations else 0  # layout: csrc/common/lstm_driver.h
+    return (x.new_empty((b, t, p)), h0.new_empty((b, p)), c0.new_empty((b, n)),
+            x.new_empty((size,), dtype=_acc_dtype(x.dtype)))
+
+
+@torch.library.register_fake("elmo_fast::lstm_projection_backward")
+def _lstm_projection_backward_fake(grad_out, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_proj, h0, c0, out,
+                                   activations, has_bias, cell_clip, proj_clip, reverse):
+    n = c0.shape[1]
+    return (x.new_empty(x.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(w_hh.shape),
+            x.new_empty((4 * n,) if has_bias else (0,)),
+            w_proj.new_empty(w_proj.shape) if w_proj is not None else x.new_empty((0,)),
+            h0.new_empty(h0.shape), c0.new_empty(c0.shape))
+
+
+def _lstm_projection_setup_context(ctx, inputs, output):
+    x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, reverse, save = inputs
+    ctx.has_bias, ctx.has_proj, ctx.saved_activations = bias is not None, w_proj is not None, save
+    ctx.clips_reverse = (cell_clip, proj_clip, reverse)
+    # The gates are saved activated, so backward reads the bias only to recompute unsaved activations.
+    ctx.save_for_backward(x, lengths, w_ih, w_hh, w_proj, h0, c0, output[0], output[3], None if save else bias)
+
+
+def _lstm_projection_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_activations):
+    x, lengths, w_ih, w_hh, w_proj, h0, c0, out, activations, bias = ctx.saved_tensors
+    cell_clip, proj_clip, reverse = ctx.clips_reverse
+    if not ctx.saved_activations:  # called with save_activations=False: recompute them
+        out, _, _, activations = torch.ops.elmo_fast.lstm_projection(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0,
+                                                                     cell_clip, proj_clip, reverse, True)
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n
+    gx, gw_ih, gw_hh, gb, gw_proj, gh0, gc0 = torch.ops.elmo_fast.lstm_projection_backward(
+        grad_out, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_proj, h0, c0, out, activations, ctx.has_bias,
+        cell_clip, proj_clip, reverse)
+    return (gx, None, gw_ih, gw_hh, gb if ctx.has_bias else None, gw_proj if ctx.has_proj else None, gh0, gc0,
+            None, None, None, None)
+
+
+torch.library.register_autograd("elmo_fast::lstm_projection", _lstm_projection_backward,
+                                setup_context=_lstm_projection_setup_context)

@@ -1,8 +1,8 @@
 """The hot paths as functions: tensors in, tensors out. Each validates its arguments (a clear
 ValueError/TypeError naming the argument) and calls the fused op in torch.ops.elmo_fast.
 
-char_cnn and lstm_projection still run elmo_fast.reference until their fused ops land; their
-signatures are final, so callers do not change when the implementation underneath does.
+char_cnn still runs elmo_fast.reference until its fused op lands; its signature is final, so
+callers do not change when the implementation underneath does.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -89,6 +89,14 @@ def char_cnn(char_ids: torch.Tensor, embedding: torch.Tensor, weights: Sequence[
     return reference.char_cnn(char_ids, embedding, weights, biases, activation)
 
 
+def _check_clip(value, name: str) -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
+    return float(value)
+
+
 def lstm_projection(x: torch.Tensor, lengths: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
                     bias: Optional[torch.Tensor], w_proj: Optional[torch.Tensor], h0: torch.Tensor,
                     c0: torch.Tensor, cell_clip: Optional[float] = None, proj_clip: Optional[float] = None,
@@ -98,5 +106,56 @@ def lstm_projection(x: torch.Tensor, lengths: torch.Tensor, w_ih: torch.Tensor, 
     x: (B, T, I); lengths: (B,) int64, each <= T; w_ih: (4n, I); w_hh: (4n, P); bias: (4n,) or None;
     w_proj: (P, n) or None (plain LSTM, P = n); h0: (B, P); c0: (B, n). Gate order [i, f, j, o].
     Returns out (B, T, P) (zero at t >= length), h_n (B, P), c_n (B, n).
+
+    lengths must be a CPU int64 tensor (as for torch's pack_padded_sequence): the op plans its row
+    order on the host. cell_clip / proj_clip: None or <= 0 means no clip.
     """
-    return reference.lstm_projection(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, reverse)
+    x = _check_tensor(x, "x")
+    lengths = _check_tensor(lengths, "lengths")
+    w_ih, w_hh = _check_tensor(w_ih, "w_ih"), _check_tensor(w_hh, "w_hh")
+    h0, c0 = _check_tensor(h0, "h0"), _check_tensor(c0, "c0")
+    if bias is not None:
+        bias = _check_tensor(bias, "bias")
+    if w_proj is not None:
+        w_proj = _check_tensor(w_proj, "w_proj")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (B, T, I), got {tuple(x.shape)}")
+    _check_float_dtype(x, "x")
+    b, t, i = x.shape
+    if lengths.device.type != "cpu":
+        raise ValueError(f"lengths must be a CPU tensor (as for pack_padded_sequence), got one on {lengths.device}")
+    if lengths.dtype != torch.int64:
+        raise TypeError(f"lengths must have dtype int64, got {str(lengths.dtype).replace('torch.', '')}")
+    if lengths.dim() != 1 or lengths.shape[0] != b:
+        raise ValueError(f"lengths must have shape (B,) = ({b},) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(lengths.shape)}")
+    if w_ih.dim() != 2 or w_ih.shape[0] % 4 != 0:
+        raise ValueError(f"w_ih must have shape (4n, I), got {tuple(w_ih.shape)}")
+    n = w_ih.shape[0] // 4
+    if w_ih.shape[1] != i:
+        raise ValueError(f"w_ih must have shape (4n, I) = ({4 * n}, {i}) for x with I = {i} features, "
+                         f"got {tuple(w_ih.shape)}")
+    p = w_proj.shape[0] if w_proj is not None and w_proj.dim() == 2 else n
+    if w_proj is not None and tuple(w_proj.shape) != (p, n):
+        raise ValueError(f"w_proj must have shape (P, n) with n = {n}, got {tuple(w_proj.shape)}")
+    if tuple(w_hh.shape) != (4 * n, p):
+        raise ValueError(f"w_hh must have shape (4n, P) = {(4 * n, p)}, got {tuple(w_hh.shape)}")
+    if bias is not None and tuple(bias.shape) != (4 * n,):
+        raise ValueError(f"bias must have shape (4n,) = ({4 * n},), got {tuple(bias.shape)}")
+    if tuple(h0.shape) != (b, p):
+        raise ValueError(f"h0 must have shape (B, P) = {(b, p)}, got {tuple(h0.shape)}")
+    if tuple(c0.shape) != (b, n):
+        raise ValueError(f"c0 must have shape (B, n) = {(b, n)}, got {tuple(c0.shape)}")
+    for value, name in ((w_ih, "w_ih"), (w_hh, "w_hh"), (bias, "bias"), (w_proj, "w_proj"), (h0, "h0"), (c0, "c0")):
+        if value is not None:
+            _check_like(value, x, name, "x")
+    if not torch.compiler.is_compiling() and b > 0:  # value checks would break a compiled graph
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > t:
+            raise ValueError(f"lengths must lie in [0, T] = [0, {t}], got values in [{low}, {high}]")
+    cell = _check_clip(cell_clip, "cell_clip")
+    proj = _check_clip(proj_clip, "proj_clip")
+    save = _needs_grad(x, w_ih, w_hh, h0, c0, *(v for v in (bias, w_proj) if v is not None))
+    out, h_n, c_n, _ = torch.ops.elmo_fast.lstm_projection(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell, proj,
+                                                           bool(reverse), save)
+    return out, h_n, c_n

@@ -9,10 +9,17 @@
 
 namespace elmo_fast {
 
-// out = x @ weight^T + bias; x (M, K), weight (N, K), bias (N,), out (M, N).
+// out = x @ weight^T + bias; x (M, K), weight (N, K), bias (N,) or undefined (none), out (M, N).
 inline void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  at::addmm_out(out, bias, x, weight.t());
+  if (bias.defined()) {
+    at::addmm_out(out, bias, x, weight.t());
+  } else {
+    at::mm_out(out, x, weight.t());
+  }
 }
+
+// out = a @ b; a (M, K), b (K, N), out (M, N) (a row block of a contiguous buffer is fine).
+inline void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
 // out += a @ b; a (M, K), b (K, N), out (M, N).
 inline void add_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {

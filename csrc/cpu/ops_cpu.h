@@ -1,6 +1,7 @@
 // CPU implementations registered in csrc/ops.cpp. Shapes and semantics: design.md §3 and the schemas.
 #pragma once
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -12,5 +13,16 @@ std::tuple<at::Tensor, at::Tensor> highway_cpu(const at::Tensor& x, at::TensorLi
                                                bool save_activations);
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> highway_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& activations, at::TensorList weight);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_projection_cpu(
+    const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_proj, const at::Tensor& h0,
+    const at::Tensor& c0, double cell_clip, double proj_clip, bool reverse, bool save_activations);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_projection_backward_cpu(const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                             const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const std::optional<at::Tensor>& w_proj, const at::Tensor& h0,
+                             const at::Tensor& c0, const at::Tensor& out, const at::Tensor& activations,
+                             bool has_bias, double cell_clip, double proj_clip, bool reverse);
 
 }  // namespace elmo_fast

@@ -17,8 +17,11 @@ namespace elmo_fast {
 // Inputs are clamped to that range, where 2^n stays a normal float; callers only use it inside
 // sigmoid/tanh, whose results saturate long before the clamp matters.
 inline float exp_host_float(float x) {
-  x = std::fmin(std::fmax(x, -87.3f), 88.3f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // Ternaries, not fmaxf/fminf: their NaN rules keep gcc from vectorizing them (maxps/minps are these).
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.3f ? 88.3f : x;
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick: floorf does not vectorize without -fno-trapping-math.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

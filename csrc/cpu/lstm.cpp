@@ -1,0 +1,208 @@
+// CPU lstm_projection op: the time loops of common/lstm_driver.h with vectorized pointwise passes
+// (elmo_fast/lstm_math.h) over the active rows, in parallel over rows (at::parallel_for, so
+// torch.set_num_threads governs it). float32 and float64; storage and arithmetic types coincide.
+#include <optional>
+#include <tuple>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include "common/lstm_driver.h"
+#include "cpu/ops_cpu.h"
+#include "elmo_fast/lstm_math.h"
+
+namespace elmo_fast {
+namespace {
+
+// Rows per parallel task: enough work (>= ~16k units) to amortise a task's start.
+int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Rows [r0, r1) of a step. gates may alias z and m may alias nothing else; element u of a row only
+// touches index u of each block, so there is no loop-carried dependence.
+template <typename T, bool kSave>
+__attribute__((always_inline)) inline void forward_rows(const T* z, T* gates, T* c, T* c_save, T* m, int64_t r0,
+                                                        int64_t r1, int64_t n, T cell_clip, T out_clip) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* zr = z + r * 4 * n;
+    T* gr = kSave ? gates + r * 4 * n : nullptr;
+    T* cr = c + r * n;
+    T* sr = kSave ? c_save + r * n : nullptr;
+    T* mr = m + r * n;
+#pragma GCC ivdep
+    for (int64_t u = 0; u < n; ++u) {
+      T gi, gf, gj, go, cu = cr[u];
+      mr[u] = lstm_point_forward(zr[u], zr[n + u], zr[2 * n + u], zr[3 * n + u], &cu, cell_clip, out_clip, &gi, &gf,
+                                 &gj, &go);
+      cr[u] = cu;
+      if (kSave) {
+        gr[u] = gi;
+        gr[n + u] = gf;
+        gr[2 * n + u] = gj;
+        gr[3 * n + u] = go;
+        sr[u] = cu;
+      }
+    }
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void forward_rows_any_save(const T* z, T* gates, T* c, T* c_save, T* m,
+                                                                 int64_t r0, int64_t r1, int64_t n, T cell_clip,
+                                                                 T out_clip) {
+  if (gates != nullptr) {
+    forward_rows<T, true>(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
+  } else {
+    forward_rows<T, false>(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
+  }
+}
+
+// dz may alias gates and m may alias c (same element only).
+template <typename T, bool kHasM>
+__attribute__((always_inline)) inline void backward_rows(const T* dm, const T* gates, const T* c, const T* c_prev,
+                                                         T* dc, T* dz, T* m, int64_t r0, int64_t r1, int64_t n,
+                                                         T cell_clip) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* g = gates + r * 4 * n;
+    const T* dmr = dm + r * n;
+    const T* cr = c + r * n;
+    const T* pr = c_prev + r * n;
+    T* dcr = dc + r * n;
+    T* dzr = dz + r * 4 * n;
+    T* mr = kHasM ? m + r * n : nullptr;
+#pragma GCC ivdep
+    for (int64_t u = 0; u < n; ++u) {
+      T dzi, dzf, dzj, dzo, dcu = dcr[u];
+      const T mu = lstm_point_backward(dmr[u], &dcu, g[u], g[n + u], g[2 * n + u], g[3 * n + u], cr[u], pr[u],
+                                       cell_clip, &dzi, &dzf, &dzj, &dzo);
+      dcr[u] = dcu;
+      dzr[u] = dzi;
+      dzr[n + u] = dzf;
+      dzr[2 * n + u] = dzj;
+      dzr[3 * n + u] = dzo;
+      if (kHasM) mr[u] = mu;
+    }
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void backward_rows_any_m(const T* dm, const T* gates, const T* c,
+                                                               const T* c_prev, T* dc, T* dz, T* m, int64_t r0,
+                                                               int64_t r1, int64_t n, T cell_clip) {
+  if (m != nullptr) {
+    backward_rows<T, true>(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
+  } else {
+    backward_rows<T, false>(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
+  }
+}
+
+// float gets ISA clones (Note [CPU multiversioning]); double is for tests and stays generic.
+EF_CPU_MULTIVERSION void forward_rows_f32(const float* z, float* gates, float* c, float* c_save, float* m, int64_t r0,
+                                          int64_t r1, int64_t n, float cell_clip, float out_clip) {
+  forward_rows_any_save(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
+}
+EF_CPU_MULTIVERSION void backward_rows_f32(const float* dm, const float* gates, const float* c, const float* c_prev,
+                                           float* dc, float* dz, float* m, int64_t r0, int64_t r1, int64_t n,
+                                           float cell_clip) {
+  backward_rows_any_m(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
+}
+void forward_rows_dispatch(const float* z, float* gates, float* c, float* c_save, float* m, int64_t r0, int64_t r1,
+                           int64_t n, float cell_clip, float out_clip) {
+  forward_rows_f32(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
+}
+void forward_rows_dispatch(const double* z, double* gates, double* c, double* c_save, double* m, int64_t r0,
+                           int64_t r1, int64_t n, double cell_clip, double out_clip) {
+  forward_rows_any_save(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
+}
+void backward_rows_dispatch(const float* dm, const float* gates, const float* c, const float* c_prev, float* dc,
+                            float* dz, float* m, int64_t r0, int64_t r1, int64_t n, float cell_clip) {
+  backward_rows_f32(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
+}
+void backward_rows_dispatch(const double* dm, const double* gates, const double* c, const double* c_prev, double* dc,
+                            double* dz, double* m, int64_t r0, int64_t r1, int64_t n, double cell_clip) {
+  backward_rows_any_m(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
+}
+
+struct CpuLstmPointwise {
+  void forward(const at::Tensor& z, const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_save,
+               const at::Tensor& m, double cell_clip, double out_clip) const {
+    const int64_t rows = c.size(0), n = c.size(1);
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "lstm_projection_cpu", [&] {
+      const scalar_t* zp = z.data_ptr<scalar_t>();
+      scalar_t *gp = ptr_or_null<scalar_t>(gates), *cp = c.data_ptr<scalar_t>(),
+               *sp = ptr_or_null<scalar_t>(c_save), *mp = m.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
+        forward_rows_dispatch(zp, gp, cp, sp, mp, r0, r1, n, static_cast<scalar_t>(cell_clip),
+                              static_cast<scalar_t>(out_clip));
+      });
+    });
+  }
+
+  void clip(const at::Tensor& h, double limit) const {
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "lstm_projection_clip_cpu", [&] {
+      scalar_t* hp = h.data_ptr<scalar_t>();
+      const scalar_t lim = static_cast<scalar_t>(limit);
+      at::parallel_for(0, h.numel(), 65536, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) hp[i] = ef_clip(hp[i], lim);
+      });
+    });
+  }
+
+  void proj_backward(const at::Tensor& dh_future, const at::Tensor& d, const at::Tensor& h, double proj_clip) const {
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "lstm_projection_backward_cpu", [&] {
+      const scalar_t *fp = dh_future.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>();
+      scalar_t* dp = d.data_ptr<scalar_t>();
+      const scalar_t lim = static_cast<scalar_t>(proj_clip);
+      at::parallel_for(0, h.numel(), 65536, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) dp[i] = lstm_proj_backward(fp[i], dp[i], hp[i], lim);
+      });
+    });
+  }
+
+  void backward(const at::Tensor& dm, const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev,
+                const at::Tensor& dc, const at::Tensor& dz, const at::Tensor& m, double cell_clip) const {
+    const int64_t rows = c.size(0), n = c.size(1);
+    AT_DISPATCH_FLOATING_TYPES(dm.scalar_type(), "lstm_projection_backward_cpu", [&] {
+      const scalar_t *dmp = dm.data_ptr<scalar_t>(), *gp = gates.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>(),
+                     *pp = c_prev.data_ptr<scalar_t>();
+      scalar_t *dcp = dc.data_ptr<scalar_t>(), *dzp = dz.data_ptr<scalar_t>(), *mp = ptr_or_null<scalar_t>(m);
+      at::parallel_for(0, rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
+        backward_rows_dispatch(dmp, gp, cp, pp, dcp, dzp, mp, r0, r1, n, static_cast<scalar_t>(cell_clip));
+      });
+    });
+  }
+};
+
+void check_cpu_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "lstm_projection on CPU supports float32 and float64, got ", x.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_projection_cpu(
+    const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_proj, const at::Tensor& h0,
+    const at::Tensor& c0, double cell_clip, double proj_clip, bool reverse, bool save_activations) {
+  check_cpu_dtype(x);
+  return lstm_forward_driver(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, reverse,
+                             save_activations, CpuLstmPointwise{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_projection_backward_cpu(const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                             const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const std::optional<at::Tensor>& w_proj, const at::Tensor& h0,
+                             const at::Tensor& c0, const at::Tensor& out, const at::Tensor& activations,
+                             bool has_bias, double cell_clip, double proj_clip, bool reverse) {
+  check_cpu_dtype(x);
+  return lstm_backward_driver(grad_out, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_proj, h0, c0, out, activations,
+                              has_bias, cell_clip, proj_clip, reverse, CpuLstmPointwise{});
+}
+
+}  // namespace elmo_fast

@@ -1,0 +1,92 @@
+// CUDA lstm_projection op: ATen tensors -> the torch-free pointwise kernels of lstm.cu, on the
+// current stream of the input's device; the time loops are common/lstm_driver.h's, the GEMMs run
+// through common/linear.h (cuBLAS via ATen). Cell state and saved activations are float32.
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common/lstm_driver.h"
+#include "cuda/dispatch.h"
+#include "elmo_fast/lstm_launch.h"
+
+namespace elmo_fast {
+namespace {
+
+float* float_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? device_ptr<T>(t) : nullptr;
+}
+
+cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()); }
+
+struct CudaLstmPointwise {
+  void forward(const at::Tensor& z, const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_save,
+               const at::Tensor& m, double cell_clip, double out_clip) const {
+    dispatch_cuda_float_types(z.scalar_type(), "lstm_projection_cuda", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      C10_CUDA_CHECK(cuda::launch_lstm_forward(device_ptr<const T>(z), float_or_null(gates), c.data_ptr<float>(),
+                                               float_or_null(c_save), device_ptr<T>(m), c.size(0), c.size(1),
+                                               static_cast<float>(cell_clip), static_cast<float>(out_clip),
+                                               stream_of(z)));
+    });
+  }
+  void clip(const at::Tensor& h, double limit) const {
+    dispatch_cuda_float_types(h.scalar_type(), "lstm_projection_cuda", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      C10_CUDA_CHECK(cuda::launch_lstm_clip(device_ptr<T>(h), h.numel(), static_cast<float>(limit), stream_of(h)));
+    });
+  }
+  void proj_backward(const at::Tensor& dh_future, const at::Tensor& d, const at::Tensor& h, double proj_clip) const {
+    dispatch_cuda_float_types(h.scalar_type(), "lstm_projection_backward_cuda", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      C10_CUDA_CHECK(cuda::launch_lstm_proj_backward(device_ptr<const T>(dh_future), device_ptr<T>(d),
+                                                     device_ptr<const T>(h), h.numel(), static_cast<float>(proj_clip),
+                                                     stream_of(h)));
+    });
+  }
+  void backward(const at::Tensor& dm, const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev,
+                const at::Tensor& dc, const at::Tensor& dz, const at::Tensor& m, double cell_clip) const {
+    dispatch_cuda_float_types(dm.scalar_type(), "lstm_projection_backward_cuda", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      C10_CUDA_CHECK(cuda::launch_lstm_backward(device_ptr<const T>(dm), gates.data_ptr<float>(), c.data_ptr<float>(),
+                                                c_prev.data_ptr<float>(), dc.data_ptr<float>(), device_ptr<T>(dz),
+                                                ptr_or_null<T>(m), c.size(0), c.size(1),
+                                                static_cast<float>(cell_clip), stream_of(dm)));
+    });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_projection_cuda(
+    const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_proj, const at::Tensor& h0,
+    const at::Tensor& c0, double cell_clip, double proj_clip, bool reverse, bool save_activations) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lstm_forward_driver(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, reverse,
+                             save_activations, CudaLstmPointwise{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_projection_backward_cuda(const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                              const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& w_ih,
+                              const at::Tensor& w_hh, const std::optional<at::Tensor>& w_proj, const at::Tensor& h0,
+                              const at::Tensor& c0, const at::Tensor& out, const at::Tensor& activations,
+                              bool has_bias, double cell_clip, double proj_clip, bool reverse) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lstm_backward_driver(grad_out, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_proj, h0, c0, out, activations,
+                              has_bias, cell_clip, proj_clip, reverse, CudaLstmPointwise{});
+}
+
+}  // namespace
+}  // namespace elmo_fast
+
+TORCH_LIBRARY_IMPL(elmo_fast, CUDA, m) {
+  m.impl("lstm_projection", &elmo_fast::lstm_projection_cuda);
+  m.impl("lstm_projection_backward", &elmo_fast::lstm_projection_backward_cuda);
+}
