@@ -4,6 +4,7 @@ from elmo_fast import _ops  # noqa: F401  (loads _C: registers torch.ops.elmo_fa
 from elmo_fast import functional, nn  # noqa: F401
 from elmo_fast.chars import batch_to_ids
 from elmo_fast.elmo import Elmo, ElmoBiLm, ElmoCharacterEncoder, ElmoLstm, ScalarMix
+from elmo_fast.embedder import ElmoEmbedder
 
 
 def build_info() -> dict:
@@ -18,5 +19,4 @@ def build_info() -> dict:
 
 
 __all__ = ["__version__", "build_info", "functional", "nn", "batch_to_ids", "Elmo", "ElmoBiLm",
-           "ElmoCharacterEncoder", "ElmoLstm", "ScalarMix"]
-from elmo_fast.embedder import ElmoEmbedder  # noqa: E402,F401  (public API; see design.md §4)
+           "ElmoCharacterEncoder", "ElmoLstm", "ElmoEmbedder", "ScalarMix"]

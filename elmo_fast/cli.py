@@ -23,15 +23,20 @@ def _info(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from elmo_fast import benchmark
 
+    # --quick: one shape, forward only (under a minute); default: a few minutes on 2 cores;
+    # --full: the whole grid of issue 8, incl. 64 x 32 and the biLM's backward.
     if args.quick:
-        shapes, repeats, models = [(16, 20)], 2, [args.model or "original"]
+        shapes, repeats, modes = [(16, 20)], 1, ["forward"]
+    elif args.full:
+        shapes, repeats, modes = [(1, 20), (16, 20), (64, 32)], 3, ["forward", "forward+backward"]
     else:
-        shapes, repeats, models = [(16, 20), (64, 32)], 3, [args.model or "original"]
-    threads = [args.threads] if args.threads else [1, 2]
-    modes = ["forward", "forward+backward"]
+        shapes, repeats, modes = [(1, 20), (16, 20)], 3, ["forward", "forward+backward"]
+    models = [args.model or "original"]
+    threads = [args.threads] if args.threads else ([1] if args.quick else [1, 2])
     print(f"# machine: {json.dumps(benchmark.machine())}")
     print(f"# dtype float32, median of {repeats} after 1 warm-up; speedup = reference time / time")
-    results = benchmark.run(args.op or list(benchmark.CASES), models, shapes, threads, modes, repeats=repeats)
+    results = benchmark.run(args.op or list(benchmark.CASES), models, shapes, threads, modes, repeats=repeats,
+                              full=args.full)
     print()
     print(benchmark.table(results))
     path = os.path.join(args.out, f"cpu-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -47,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
     bench = sub.add_parser("bench", help="run the microbenchmarks and print a table")
     bench.add_argument("--model", choices=["small", "medium", "original"], default=None)
-    bench.add_argument("--op", action="append", choices=["highway"], help="op to run (repeatable); default all")
+    bench.add_argument("--op", action="append", choices=["highway", "char_cnn", "lstm_projection", "elmo"], help="op to run (repeatable); default all")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 and 2)")
-    bench.add_argument("--quick", action="store_true", help="one shape, two repeats")
+    bench.add_argument("--quick", action="store_true", help="one shape, forward only (under a minute)")
+    bench.add_argument("--full", action="store_true", help="the whole grid incl. 64x32 and the biLM's backward")
     bench.add_argument("--out", default=os.path.join("bench", "results"), help="directory for the JSON results")
     bench.set_defaults(func=_bench)
+    from elmo_fast.embed_cli import add_embed_parser
+
+    add_embed_parser(sub)
     return parser
 
 
