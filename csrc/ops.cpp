@@ -22,11 +22,22 @@ TORCH_LIBRARY(elmo_fast, m) {
   m.def(
       "highway_backward(Tensor grad_out, Tensor x, Tensor activations, Tensor[] weight)"
       " -> (Tensor, Tensor[], Tensor[])");
+  // char_ids (N, C) int64 in 0..V-1; embedding (V, d); weight[i] (m_i, d, w_i) (Conv1d layout), any widths
+  // <= C; bias[i] (m_i,); activation "relu" | "tanh" (after the max). Returns out (N, F = sum m_i) and, when
+  // save_activations, the winning window start per (token, filter) as int16 (N, F); else an empty (0, 0).
+  m.def(
+      "char_cnn(Tensor char_ids, Tensor embedding, Tensor[] weight, Tensor[] bias, str activation,"
+      " bool save_activations) -> (Tensor, Tensor)");
+  m.def(
+      "char_cnn_backward(Tensor grad_out, Tensor char_ids, Tensor embedding, Tensor[] weight, Tensor out,"
+      " Tensor windows, str activation) -> (Tensor, Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(elmo_fast, CPU, m) {
   m.impl("highway", &elmo_fast::highway_cpu);
   m.impl("highway_backward", &elmo_fast::highway_backward_cpu);
+  m.impl("char_cnn", &elmo_fast::char_cnn_cpu);
+  m.impl("char_cnn_backward", &elmo_fast::char_cnn_backward_cpu);
 }
 
 namespace {
