@@ -102,7 +102,8 @@ inline std::vector<at::Tensor> unpack_char_cnn_weight(const at::Tensor& packed, 
                       .reshape({g.m, g.w, s.d})
                       .permute({0, 2, 1})
                       .to(dtype)
-                      .contiguous());
+                      .clone(at::MemoryFormat::Contiguous));  // a copy even when already contiguous:
+                                                              // op outputs must not alias each other
   }
   return out;
 }

@@ -172,7 +172,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> char_cn
   }
   std::vector<at::Tensor> grad_weight = unpack_char_cnn_weight(grad_packed, s, embedding.scalar_type());
   std::vector<at::Tensor> grad_b;
-  for (const CharCnnGroup& g : s.groups) grad_b.push_back(grad_bias.narrow(0, g.f0, g.m).contiguous());
+  // clone: the op's outputs must not alias each other.
+  for (const CharCnnGroup& g : s.groups) grad_b.push_back(grad_bias.narrow(0, g.f0, g.m).clone());
   return {grad_emb, grad_weight, grad_b};
 }
 
