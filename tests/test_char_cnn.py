@@ -304,3 +304,24 @@ def test_nn_char_cnn_module_names_and_forward():
         CharCNN(16, SMALL, activation="gelu")
     with pytest.raises(ValueError, match="filters"):
         CharCNN(16, [(0, 3)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_char_cnn_cuda_graph_uses_current_stream():
+    # A default-stream launch or a missing device guard shows up as wrong results under graph replay.
+    g = torch.Generator().manual_seed(17)
+    ids = make_ids(g, 32).cuda()
+    emb, weights, biases = make_params(g, 16, SMALL, torch.float32, "cuda")
+    expected = R.char_cnn(ids, emb, weights, biases, "relu")
+    op = torch.ops.elmo_fast.char_cnn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op(ids, emb, weights, biases, "relu", False)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = op(ids, emb, weights, biases, "relu", False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_verbose(out, expected, **TOL[torch.float32])
