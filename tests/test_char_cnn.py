@@ -15,6 +15,16 @@ SMALL = [(1, 4), (2, 8), (3, 16), (4, 8), (7, 5)]
 BOW, EOW, PAD = 259, 260, 261
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # The reference's cuDNN conv1d would use TF32 on Ampere+ (10-bit mantissa) and miss the float32
+    # tolerances; the fused kernels accumulate in full float32.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def assert_close_verbose(actual, expected, **tol):
     diff = (actual.double() - expected.double()).abs()
     info = f"max |diff| {diff.max().item() if diff.numel() else 0:.3g}, mean {diff.mean().item() if diff.numel() else 0:.3g}"
