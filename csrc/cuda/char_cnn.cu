@@ -17,6 +17,7 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kWindows = 8;  // live windows per register-blocked pass of the forward
 
 __device__ __forceinline__ int group_of(const CharCnnGroups& groups, int f) {
   int gi = 0;
@@ -53,14 +54,27 @@ __global__ void char_cnn_forward_kernel(const int64_t* ids, const T* emb, const 
       const int64_t live = char_cnn_live_windows(L, C, w);
       float best = 0.f;
       int64_t best_t = 0;
-      for (int64_t t = 0; t < live; ++t) {
-        // Window t's w embedded chars are contiguous in s_emb, as filter f's column is in packed_t.
-        const float* x = s_emb + t * d;
-        float acc = 0.f;
-        for (int64_t j = 0; j < w * d; ++j) acc += x[j] * to_float(packed_t[j * F + f]);
-        if (t == 0 || acc > best) {  // strict: the first maximal window wins, as in torch
-          best = acc;
-          best_t = t;
+      // kWindows live windows at a time, so that each weight read (from L1/L2) serves kWindows FMAs.
+      // Window t's w embedded chars are contiguous in s_emb, as filter f's column is in packed_t.
+      for (int64_t t0 = 0; t0 < live; t0 += kWindows) {
+        const int64_t count = live - t0 < kWindows ? live - t0 : kWindows;
+        float acc[kWindows];
+#pragma unroll
+        for (int u = 0; u < kWindows; ++u) acc[u] = 0.f;
+        for (int64_t j = 0; j < w * d; ++j) {
+          const float wv = to_float(packed_t[j * F + f]);
+          const float* x = s_emb + t0 * d + j;
+#pragma unroll
+          for (int u = 0; u < kWindows; ++u) {
+            if (u < count) acc[u] += x[u * d] * wv;  // (t0 + u) * d + j < C * d for live windows
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kWindows; ++u) {
+          if (u < count && (t0 + u == 0 || acc[u] > best)) {  // strict: the first maximal window wins
+            best = acc[u];
+            best_t = t0 + u;
+          }
         }
       }
       if (char_cnn_has_constant_window(L, C, w)) {
@@ -126,26 +140,28 @@ __global__ void char_cnn_reduce_kernel(const float* part, float* result, int64_t
   }
 }
 
-// One block per token: thread (slot, c) sums what every filter's winning window sends to it,
-// then adds it to the slot's table row.
+// One block per token: each filter's thread adds g * its packed column to the embedded chars of
+// its winning window in shared memory; the token's (C, d) sums then go to the table rows.
 template <typename T>
 __global__ void char_cnn_embedding_grad_kernel(const float* g, const int16_t* windows, const int64_t* ids,
                                                const T* packed_t, float* grad_emb, int64_t N, int64_t C, int64_t V,
                                                int64_t d, int64_t F, CharCnnGroups groups) {
+  extern __shared__ float s_grad[];  // (C, d)
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
-    for (int64_t i = threadIdx.x; i < C * d; i += blockDim.x) {
-      const int64_t slot = i / d, c = i % d;
-      float acc = 0.f;
-      for (int gi = 0; gi < groups.n; ++gi) {
-        const int64_t w = groups.w[gi];
-        for (int64_t f = groups.f0[gi]; f < groups.f0[gi + 1]; ++f) {
-          const float gv = g[n * F + f];
-          const int64_t k = slot - window_start(windows, n * F + f, C, w);
-          if (gv != 0.f && k >= 0 && k < w) acc += gv * to_float(packed_t[(k * d + c) * F + f]);
-        }
-      }
-      if (acc != 0.f) atomicAdd(grad_emb + clamp_id(ids[n * C + slot], V) * d + c, acc);
+    for (int64_t i = threadIdx.x; i < C * d; i += blockDim.x) s_grad[i] = 0.f;
+    __syncthreads();
+    for (int64_t f = threadIdx.x; f < F; f += blockDim.x) {
+      const float gv = g[n * F + f];
+      if (gv == 0.f) continue;
+      const int64_t w = groups.w[group_of(groups, static_cast<int>(f))];
+      const int64_t t = window_start(windows, n * F + f, C, w);
+      for (int64_t j = 0; j < w * d; ++j) atomicAdd(s_grad + t * d + j, gv * to_float(packed_t[j * F + f]));
     }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < C * d; i += blockDim.x) {
+      if (s_grad[i] != 0.f) atomicAdd(grad_emb + clamp_id(ids[n * C + i / d], V) * d + i % d, s_grad[i]);
+    }
+    __syncthreads();  // s_grad is reset for the next token
   }
 }
 
@@ -182,7 +198,7 @@ cudaError_t launch_char_cnn_backward(const T* grad_out, const T* out, const int1
   char_cnn_reduce_kernel<<<grid_for(F, kThreads), kThreads, 0, stream>>>(part_bias, grad_bias, splits, F);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const unsigned blocks = static_cast<unsigned>(N < 65535 ? N : 65535);
-  char_cnn_embedding_grad_kernel<T><<<blocks, kThreads, 0, stream>>>(g, windows, ids, packed_t, grad_emb, N, C, V,
+  char_cnn_embedding_grad_kernel<T><<<blocks, kThreads, size_t(C) * d * sizeof(float), stream>>>(g, windows, ids, packed_t, grad_emb, N, C, V,
                                                                       d, F, groups);
   return cudaGetLastError();
 }
