@@ -137,6 +137,7 @@ def test_char_cnn_tiny_batches(n):
     out = F.char_cnn(ids, emb, weights, biases)
     assert out.shape == (n, sum(m for _, m in SMALL))
     compare(ids, emb, weights, biases, "relu")
+    compare(ids.int(), emb, weights, biases, "tanh")  # any integer dtype of ids
 
 
 def test_char_cnn_padding_tokens_use_row_zero():
@@ -231,6 +232,11 @@ def test_char_cnn_torch_compile_fullgraph():
 
     compiled = torch.compile(fn, fullgraph=True)
     torch.testing.assert_close(compiled(ids, emb, weights, biases), fn(ids, emb, weights, biases))
+    # ... and backward through the compiled graph.
+    e1, e2 = leaf(emb), leaf(emb)
+    compiled(ids, e1, weights, biases).sum().backward()
+    fn(ids, e2, weights, biases).sum().backward()
+    torch.testing.assert_close(e1.grad, e2.grad)
 
 
 def _bad_cases():
