@@ -98,7 +98,8 @@ def main() -> None:
     n_words = args.sentences * args.words
     cases = {"english": english_words()[:n_words], "random": random_words(n_words, random.Random(0))}
     print(f"elmo_fast from {os.path.dirname(elmo_fast.__file__)}, torch {torch.__version__}, {args.threads} thread(s)")
-    results = {"threads": args.threads, "clock": "process_time" if args.cpu_time else "perf_counter", "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+    results = {"threads": args.threads, "clock": "process_time" if args.cpu_time else "perf_counter",
+               "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                "filters": PUBLISHED, "d": 16, "dtype": "float32"}
     for name, words in cases.items():
         ids = batch(words, args.sentences, args.words)

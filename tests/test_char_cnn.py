@@ -27,7 +27,8 @@ def _no_tf32():
 
 def assert_close_verbose(actual, expected, **tol):
     diff = (actual.double() - expected.double()).abs()
-    info = f"max |diff| {diff.max().item() if diff.numel() else 0:.3g}, mean {diff.mean().item() if diff.numel() else 0:.3g}"
+    top, mean = (diff.max().item(), diff.mean().item()) if diff.numel() else (0.0, 0.0)
+    info = f"max |diff| {top:.3g}, mean {mean:.3g}"
     torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{m}\n{info}")
 
 

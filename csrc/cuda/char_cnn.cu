@@ -198,8 +198,9 @@ cudaError_t launch_char_cnn_backward(const T* grad_out, const T* out, const int1
   char_cnn_reduce_kernel<<<grid_for(F, kThreads), kThreads, 0, stream>>>(part_bias, grad_bias, splits, F);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   const unsigned blocks = static_cast<unsigned>(N < 65535 ? N : 65535);
-  char_cnn_embedding_grad_kernel<T><<<blocks, kThreads, size_t(C) * d * sizeof(float), stream>>>(g, windows, ids, packed_t, grad_emb, N, C, V,
-                                                                      d, F, groups);
+  const size_t shared = size_t(C) * d * sizeof(float);
+  char_cnn_embedding_grad_kernel<T>
+      <<<blocks, kThreads, shared, stream>>>(g, windows, ids, packed_t, grad_emb, N, C, V, d, F, groups);
   return cudaGetLastError();
 }
 
