@@ -38,6 +38,16 @@ TORCH_LIBRARY(elmo_fast, m) {
       " Tensor w_ih, Tensor w_hh, Tensor? w_proj, Tensor h0, Tensor c0, Tensor out, Tensor activations,"
       " bool has_bias, float cell_clip, float proj_clip, bool reverse)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // char_ids (N, C) int64 in 0..V-1; embedding (V, d); weight[i] (m_i, d, w_i) (Conv1d layout), any widths
+  // <= C; bias[i] (m_i,); activation "relu" | "tanh" (after the max). Returns out (N, F = sum m_i) and, when
+  // save_activations, the winning window start per (token, filter) as int16 (N, F); else an empty (0, 0).
+  m.def(
+      "char_cnn(Tensor char_ids, Tensor embedding, Tensor[] weight, Tensor[] bias, str activation,"
+      " bool save_activations) -> (Tensor, Tensor)");
+  m.def(
+      "char_cnn_backward(Tensor grad_out, Tensor char_ids, Tensor embedding, Tensor[] weight, Tensor out,"
+      " Tensor windows, str activation) -> (Tensor, Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(elmo_fast, CPU, m) {
@@ -45,6 +55,8 @@ TORCH_LIBRARY_IMPL(elmo_fast, CPU, m) {
   m.impl("highway_backward", &elmo_fast::highway_backward_cpu);
   m.impl("lstm_projection", &elmo_fast::lstm_projection_cpu);
   m.impl("lstm_projection_backward", &elmo_fast::lstm_projection_backward_cpu);
+  m.impl("char_cnn", &elmo_fast::char_cnn_cpu);
+  m.impl("char_cnn_backward", &elmo_fast::char_cnn_backward_cpu);
 }
 
 namespace {

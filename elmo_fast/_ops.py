@@ -90,3 +90,35 @@ def _lstm_projection_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_activatio
 
 torch.library.register_autograd("elmo_fast::lstm_projection", _lstm_projection_backward,
                                 setup_context=_lstm_projection_setup_context)
+
+# --- char_cnn --------------------------------------------------------------------------------
+
+@torch.library.register_fake("elmo_fast::char_cnn")
+def _char_cnn_fake(char_ids, embedding, weight, bias, activation, save_activations):
+    n, f = char_ids.shape[0], sum(w.shape[0] for w in weight)
+    windows = char_ids.new_empty((n, f) if save_activations else (0, 0), dtype=torch.int16)
+    return embedding.new_empty((n, f)), windows
+
+
+@torch.library.register_fake("elmo_fast::char_cnn_backward")
+def _char_cnn_backward_fake(grad_out, char_ids, embedding, weight, out, windows, activation):
+    return (embedding.new_empty(embedding.shape), [w.new_empty(w.shape) for w in weight],
+            [w.new_empty(w.shape[:1]) for w in weight])
+
+
+def _char_cnn_setup_context(ctx, inputs, output):
+    char_ids, embedding, weight, _bias, activation, _save = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(char_ids, embedding, output[0], output[1], *weight)
+
+
+def _char_cnn_backward(ctx, grad_out, _grad_windows):
+    char_ids, embedding, out, windows, *weight = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_embedding, grad_weight, grad_bias = torch.ops.elmo_fast.char_cnn_backward(
+        grad_out, char_ids, embedding, weight, out, windows, ctx.activation)
+    return None, grad_embedding, list(grad_weight), list(grad_bias), None, None
+
+
+torch.library.register_autograd("elmo_fast::char_cnn", _char_cnn_backward, setup_context=_char_cnn_setup_context)

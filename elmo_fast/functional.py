@@ -1,15 +1,12 @@
 """The hot paths as functions: tensors in, tensors out. Each validates its arguments (a clear
 ValueError/TypeError naming the argument) and calls the fused op in torch.ops.elmo_fast.
-
-char_cnn still runs elmo_fast.reference until its fused op lands; its signature is final, so
-callers do not change when the implementation underneath does.
+elmo_fast.reference holds the same functions in plain PyTorch, as the tests' oracle.
 """
 from typing import Optional, Sequence, Tuple
 
 import torch
 
 from elmo_fast import _ops  # noqa: F401  (registers torch.ops.elmo_fast.*)
-from elmo_fast import reference
 
 __all__ = ["highway", "char_cnn", "lstm_projection"]
 
@@ -86,7 +83,50 @@ def char_cnn(char_ids: torch.Tensor, embedding: torch.Tensor, weights: Sequence[
     weights[i]: (m_i, d, w_i) (Conv1d layout); biases[i]: (m_i,) -> (N, sum m_i):
     concat over i of act(max_t conv_i(embedding[char_ids])[t] + b_i), act = relu or tanh.
     """
-    return reference.char_cnn(char_ids, embedding, weights, biases, activation)
+    char_ids = _check_tensor(char_ids, "char_ids")
+    embedding = _check_tensor(embedding, "embedding")
+    weights = _check_tensor_list(weights, "weights")
+    biases = _check_tensor_list(biases, "biases")
+    if char_ids.dtype.is_floating_point or char_ids.dtype.is_complex or char_ids.dtype == torch.bool:
+        raise TypeError(f"char_ids must be an integer tensor (int64 char ids), got dtype {char_ids.dtype}")
+    if char_ids.dim() != 2:
+        raise ValueError(f"char_ids must have shape (N, C), got {tuple(char_ids.shape)}")
+    if embedding.dim() != 2 or embedding.shape[0] < 1 or embedding.shape[1] < 1:
+        raise ValueError(f"embedding must have shape (V, d) with V, d >= 1, got {tuple(embedding.shape)}")
+    _check_float_dtype(embedding, "embedding")
+    if char_ids.device != embedding.device:
+        raise ValueError(f"char_ids is on {char_ids.device} but embedding is on {embedding.device}; "
+                         "they must be on one device")
+    if not isinstance(activation, str) or activation not in ("relu", "tanh"):
+        raise ValueError(f"activation must be 'relu' or 'tanh', got {activation!r}")
+    if len(weights) != len(biases):
+        raise ValueError(f"weights and biases must have one entry per filter width, got {len(weights)} and "
+                         f"{len(biases)}")
+    d = embedding.shape[1]
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if w.dim() != 3 or w.shape[1] != d or w.shape[2] < 1:
+            raise ValueError(f"weights[{i}] must have shape (m, d, width) = (m, {d}, width >= 1) for embedding "
+                             f"of d = {d}, got {tuple(w.shape)}")
+        if tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"biases[{i}] must have shape (m,) = {(w.shape[0],)} to match weights[{i}], "
+                             f"got {tuple(b.shape)}")
+        _check_like(w, embedding, f"weights[{i}]", "embedding")
+        _check_like(b, embedding, f"biases[{i}]", "embedding")
+    widest = max((w.shape[2] for w in weights), default=1)
+    if char_ids.shape[1] < widest:
+        raise ValueError(f"char_ids has {char_ids.shape[1]} char slots per token, fewer than the widest filter "
+                         f"of weights ({widest})")
+    char_ids = char_ids.long()
+    # The id range is a value check (one device sync on CUDA); under torch.compile the op's own
+    # check (CPU) or clamp (CUDA) stands in, so that the graph does not break.
+    if char_ids.numel() > 0 and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(char_ids)
+        if lo.item() < 0 or hi.item() >= embedding.shape[0]:
+            raise ValueError(f"char_ids must lie in 0..{embedding.shape[0] - 1} (the rows of embedding), got values "
+                             f"in {lo.item()}..{hi.item()}")
+    save = _needs_grad(embedding, *weights, *biases)
+    out, _ = torch.ops.elmo_fast.char_cnn(char_ids, embedding, weights, biases, activation, save)
+    return out
 
 
 def _check_clip(value, name: str) -> float:

@@ -21,6 +21,11 @@ inline void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
 // out = a @ b; a (M, K), b (K, N), out (M, N) (a row block of a contiguous buffer is fine).
 inline void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 
+// out = x @ weight^T (no bias); x (M, K), weight (N, K), out (M, N).
+inline void matmul_nt_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {
+  at::mm_out(out, x, weight.t());
+}
+
 // out += a @ b; a (M, K), b (K, N), out (M, N).
 inline void add_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   out.addmm_(a, b);

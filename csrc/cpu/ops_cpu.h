@@ -6,6 +6,7 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 namespace elmo_fast {
 
@@ -24,5 +25,15 @@ lstm_projection_backward_cpu(const at::Tensor& grad_out, const at::Tensor& grad_
                              const at::Tensor& w_hh, const std::optional<at::Tensor>& w_proj, const at::Tensor& h0,
                              const at::Tensor& c0, const at::Tensor& out, const at::Tensor& activations,
                              bool has_bias, double cell_clip, double proj_clip, bool reverse);
+
+// char_ids (N, C) int64; embedding (V, d); weight[i] (m_i, d, w_i); bias[i] (m_i,). Returns out (N, F)
+// and, when save_activations, the winning window start per (token, filter) as int16 (N, F); else (0, 0).
+std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, const at::Tensor& embedding,
+                                                at::TensorList weight, at::TensorList bias,
+                                                c10::string_view activation, bool save_activations);
+// Gradients of embedding (V, d), each weight[i] and bias[i], given out and the saved windows.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> char_cnn_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& char_ids, const at::Tensor& embedding, at::TensorList weight,
+    const at::Tensor& out, const at::Tensor& windows, c10::string_view activation);
 
 }  // namespace elmo_fast

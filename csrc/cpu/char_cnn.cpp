@@ -1,0 +1,197 @@
+// CPU char-CNN forward (spec §4.2 steps 1-3): embedding gather + all widths' convolutions + max over
+// positions + bias + activation -> (N, F), float32 and float64. Only the live windows of each token
+// are computed (Note [char-CNN padding shortcut]); they are gathered, block by block of tokens, into
+// an im2col buffer (rows, K = w_max * d) and multiplied by the packed (F, K) weight through
+// common/linear.h (Note [char-CNN packed weight]); a masked max per filter group follows.
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include "common/char_cnn_args.h"
+#include "common/linear.h"
+#include "cpu/char_cnn_cpu.h"
+#include "cpu/ops_cpu.h"
+#include "elmo_fast/char_cnn_math.h"
+
+namespace elmo_fast {
+namespace {
+
+// Tokens per GEMM block: ~32 tokens x ~8 live windows = ~256 rows keeps the (rows, F) product in L2
+// while the GEMM still sees a reasonable M. Fixed (not per thread count) so results do not depend
+// on the number of threads.
+constexpr int64_t kBlockTokens = 32;
+
+// The masked max of one token over its live windows' conv values y (rows, F) and the constant
+// window's values (when it exists), then bias and activation. Writes out (F) and win (F): the
+// winning window's start t (t = L for the constant window).
+template <typename T>
+__attribute__((always_inline)) inline void token_max(const T* y, const T* constant, const T* bias, T* out,
+                                                     int16_t* win, const CharCnnGroup* groups, int64_t n_groups,
+                                                     int64_t L, int64_t C, int64_t F, bool use_tanh) {
+  for (int64_t gi = 0; gi < n_groups; ++gi) {
+    const int64_t f0 = groups[gi].f0, f1 = f0 + groups[gi].m, w = groups[gi].w;
+    const int64_t live = char_cnn_live_windows(L, C, w);
+    if (live > 0) {
+      for (int64_t f = f0; f < f1; ++f) {
+        out[f] = y[f];
+        win[f] = 0;
+      }
+      for (int64_t t = 1; t < live; ++t) {
+        const T* yt = y + t * F;
+        // Strict '>' keeps the first maximal window, as torch's max does.
+        for (int64_t f = f0; f < f1; ++f) {
+          const bool better = yt[f] > out[f];
+          out[f] = better ? yt[f] : out[f];
+          win[f] = better ? static_cast<int16_t>(t) : win[f];
+        }
+      }
+    }
+    if (char_cnn_has_constant_window(L, C, w)) {
+      for (int64_t f = f0; f < f1; ++f) {
+        const bool better = live == 0 || constant[f] > out[f];
+        out[f] = better ? constant[f] : out[f];
+        win[f] = better ? static_cast<int16_t>(L) : win[f];
+      }
+    }
+  }
+  for (int64_t f = 0; f < F; ++f) out[f] = char_cnn_activate(out[f] + bias[f], use_tanh);
+}
+
+// float gets ISA clones (Note [CPU multiversioning]); double is for tests.
+EF_CPU_MULTIVERSION void token_max_f32(const float* y, const float* constant, const float* bias, float* out,
+                                       int16_t* win, const CharCnnGroup* groups, int64_t n_groups, int64_t L,
+                                       int64_t C, int64_t F, bool use_tanh) {
+  token_max(y, constant, bias, out, win, groups, n_groups, L, C, F, use_tanh);
+}
+void token_max_any(const float* y, const float* constant, const float* bias, float* out, int16_t* win,
+                   const CharCnnGroup* groups, int64_t n_groups, int64_t L, int64_t C, int64_t F, bool use_tanh) {
+  token_max_f32(y, constant, bias, out, win, groups, n_groups, L, C, F, use_tanh);
+}
+void token_max_any(const double* y, const double* constant, const double* bias, double* out, int16_t* win,
+                   const CharCnnGroup* groups, int64_t n_groups, int64_t L, int64_t C, int64_t F, bool use_tanh) {
+  token_max(y, constant, bias, out, win, groups, n_groups, L, C, F, use_tanh);
+}
+
+// One im2col row: the w_max embedded chars starting at slot t, zeros past the last slot (only
+// filters narrower than w_max reach there, and their packed weights are zero).
+template <typename T>
+void fill_window(T* row, const int64_t* ids, const T* emb, int64_t t, int64_t C, int64_t d, int64_t w_max) {
+  for (int64_t k = 0; k < w_max; ++k) {
+    if (t + k < C) {
+      std::memcpy(row + k * d, emb + ids[t + k] * d, sizeof(T) * d);
+    } else {
+      std::fill(row + k * d, row + (k + 1) * d, T(0));
+    }
+  }
+}
+
+template <typename T>
+void forward_impl(const CharCnnShape& s, const CharCnnTokens& tok, const at::Tensor& ids_t, const at::Tensor& emb_t,
+                  const at::Tensor& packed, const at::Tensor& bias_t, at::Tensor& out_t, at::Tensor& win_t,
+                  bool save, bool use_tanh) {
+  const int64_t N = s.N, C = s.C, d = s.d, F = s.F, K = s.K;
+  const int64_t* ids = ids_t.data_ptr<int64_t>();
+  const T* emb = emb_t.data_ptr<T>();
+  const T* bias = bias_t.data_ptr<T>();
+  T* out = out_t.data_ptr<T>();
+  int16_t* win = save ? win_t.data_ptr<int16_t>() : nullptr;
+
+  // The constant windows: one GEMM row of w_max copies of embedding[p] per distinct trailing id p.
+  const int64_t P = static_cast<int64_t>(tok.distinct.size());
+  at::Tensor const_x = at::empty({P, K}, emb_t.options());
+  for (int64_t j = 0; j < P; ++j) {
+    T* row = const_x.data_ptr<T>() + j * K;
+    for (int64_t k = 0; k < s.w_max; ++k) std::memcpy(row + k * d, emb + tok.distinct[j] * d, sizeof(T) * d);
+  }
+  at::Tensor const_y = at::empty({P, F}, emb_t.options());
+  if (P > 0) matmul_nt_into(const_y, const_x, packed);
+  const T* constant = const_y.data_ptr<T>();
+
+  const int64_t n_blocks = (N + kBlockTokens - 1) / kBlockTokens;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int16_t> scratch_win(save ? 0 : F);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kBlockTokens, n1 = std::min(N, n0 + kBlockTokens);
+      int64_t rows = 0;
+      for (int64_t n = n0; n < n1; ++n) rows += char_cnn_live_windows(tok.live[n], C, s.w_min);
+      at::Tensor x = at::empty({rows, K}, emb_t.options());
+      at::Tensor y = at::empty({rows, F}, emb_t.options());
+      T* xp = x.data_ptr<T>();
+      int64_t r = 0;
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t live = char_cnn_live_windows(tok.live[n], C, s.w_min);
+        for (int64_t t = 0; t < live; ++t, ++r) fill_window(xp + r * K, ids + n * C, emb, t, C, d, s.w_max);
+      }
+      if (rows > 0) matmul_nt_into(y, x, packed);
+      const T* yp = y.data_ptr<T>();
+      r = 0;
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t L = tok.live[n];
+        int16_t* wrow = save ? win + n * F : scratch_win.data();
+        token_max_any(yp + r * F, constant + tok.slot[n] * F, bias, out + n * F, wrow, s.groups.data(),
+                      static_cast<int64_t>(s.groups.size()), L, C, F, use_tanh);
+        r += char_cnn_live_windows(L, C, s.w_min);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+CharCnnTokens scan_char_cnn_tokens(const at::Tensor& ids_t, int64_t V) {
+  const int64_t N = ids_t.size(0), C = ids_t.size(1);
+  const int64_t* ids = ids_t.data_ptr<int64_t>();
+  CharCnnTokens tok;
+  tok.live.resize(N);
+  tok.slot.resize(N);
+  std::vector<int64_t> slot_of(V, -1);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t* row = ids + n * C;
+    for (int64_t c = 0; c < C; ++c) {
+      TORCH_CHECK(row[c] >= 0 && row[c] < V, "char_cnn: char_ids must lie in 0..", V - 1,
+                  " (the embedding's rows), got ", row[c], " at token ", n, ", slot ", c);
+    }
+    tok.live[n] = char_cnn_live_length(row, C);
+    const int64_t p = row[C - 1];
+    if (slot_of[p] < 0) {
+      slot_of[p] = static_cast<int64_t>(tok.distinct.size());
+      tok.distinct.push_back(p);
+    }
+    tok.slot[n] = slot_of[p];
+  }
+  return tok;
+}
+
+std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, const at::Tensor& embedding,
+                                                at::TensorList weight, at::TensorList bias,
+                                                c10::string_view activation, bool save_activations) {
+  const bool use_tanh = char_cnn_use_tanh(activation);
+  const CharCnnShape s = check_char_cnn_args(char_ids, embedding, weight);
+  check_char_cnn_bias(bias, embedding, s);
+  TORCH_CHECK(embedding.scalar_type() == at::kFloat || embedding.scalar_type() == at::kDouble,
+              "char_cnn on CPU supports float32 and float64, got ", embedding.scalar_type());
+  at::Tensor out = at::empty({s.N, s.F}, embedding.options());
+  at::Tensor win = at::empty({save_activations ? s.N : 0, save_activations ? s.F : 0},
+                             embedding.options().dtype(at::kShort));
+  if (s.N == 0 || s.F == 0) return {out, win};
+  const at::Tensor ids = char_ids.contiguous();
+  const at::Tensor emb = embedding.contiguous();
+  const CharCnnTokens tok = scan_char_cnn_tokens(ids, s.V);
+  const at::Tensor packed = pack_char_cnn_weight(weight, s, embedding.scalar_type());
+  const at::Tensor bias_cat = at::cat(bias, 0).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(embedding.scalar_type(), "char_cnn_cpu", [&] {
+    forward_impl<scalar_t>(s, tok, ids, emb, packed, bias_cat, out, win, save_activations, use_tanh);
+  });
+  return {out, win};
+}
+
+}  // namespace elmo_fast
