@@ -179,7 +179,7 @@ def test_auto_policy(gemm_mode):
     gemm_mode("auto")
     OPS._cpu_gemm_linear(torch.randn(2, 8), torch.randn(8, 8), None)  # tiny: mm, nothing cached
     assert info()["last_path"] == "mm" and info()["entries"] == 0
-    w, small = torch.randn(512, 256), torch.randn(16, 256)
+    w, small = torch.randn(512, 512), torch.randn(16, 512)  # M*N*K = 4M: above min_work
     OPS._cpu_gemm_linear(small, w, None)  # first use, small M: mm, remembered
     assert info()["last_path"] == "mm" and info()["packs"] == 0
     OPS._cpu_gemm_linear(small, w, None)  # second use of the same version: pack

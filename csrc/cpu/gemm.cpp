@@ -27,7 +27,10 @@
 namespace elmo_fast::cpu_gemm {
 namespace {
 
-constexpr int64_t kMinWork = int64_t{1} << 18;  // M*N*K below this: mm (e.g. 64 x 64 x 64)
+// oneDNN's fixed cost per call is ~25 us (mm's ~8 us, Zen 4, 1 thread); it starts to win around
+// M*N*K = 2-4M (16 x 512 x 512: 100 vs 122 us; 64 x 128 x 128: 57 vs 34 us). Every GEMM of the
+// original model at batch >= 1 is above it; batch-1 steps of the small model are below it.
+constexpr int64_t kMinWork = int64_t{1} << 21;
 constexpr int64_t kPackNowRows = 256;
 
 enum Mode : int { kUnset = -1, kAuto = 0, kMm = 1, kOnednn = 2 };

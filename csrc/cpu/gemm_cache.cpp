@@ -1,10 +1,10 @@
 // The packed-weight cache: Note [packed weight cache keys] in gemm_cache.h.
 #include "cpu/gemm_cache.h"
 
+#include <array>
 #include <map>
 #include <mutex>
 #include <utility>
-#include <vector>
 
 #include <c10/core/TensorImpl.h>
 #include <c10/util/intrusive_ptr.h>
@@ -20,12 +20,13 @@ using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorIm
 struct Fingerprint {
   uint32_t version = 0;
   const void* data = nullptr;
-  std::vector<int64_t> sizes, strides;
+  std::array<int64_t, 2> sizes{}, strides{};  // weights are 2-D (linear.h); no allocation per call
   at::ScalarType dtype = at::kFloat;
 
   static Fingerprint of(const at::Tensor& w) {
-    return {w.unsafeGetTensorImpl()->version_counter().current_version(), w.data_ptr(), w.sizes().vec(),
-            w.strides().vec(), w.scalar_type()};
+    TORCH_CHECK(w.dim() == 2, "CPU GEMM layer: the weight operand must be 2-D, got shape ", w.sizes());
+    return {w.unsafeGetTensorImpl()->version_counter().current_version(), w.data_ptr(),
+            {w.size(0), w.size(1)}, {w.stride(0), w.stride(1)}, w.scalar_type()};
   }
   bool operator==(const Fingerprint& o) const {
     return version == o.version && data == o.data && sizes == o.sizes && strides == o.strides && dtype == o.dtype;
