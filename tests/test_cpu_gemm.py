@@ -83,7 +83,9 @@ def test_forced_paths_agree_through_highway(gemm_mode, seed):
         assert_rel_close(a, b, f"output {i}")
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 512, 1000), (0, 8, 4), (5, 0, 3), (3, 4, 0), (16, 513, 257), (300, 64, 96)])
+# (300, 8, 16384): several row blocks of the oneDNN path plus a remainder (Note [row blocks], gemm.cpp).
+@pytest.mark.parametrize("m,k,n", [(1, 512, 1000), (0, 8, 4), (5, 0, 3), (3, 4, 0), (16, 513, 257), (300, 64, 96),
+                                   (300, 8, 16384)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_direct_gemms_agree(gemm_mode, m, k, n, bias):
     gen = torch.Generator().manual_seed(m + k + n)
@@ -235,6 +237,23 @@ def test_packed_tensors_never_leave_the_layer(gemm_mode):
         assert_close_verbose(m(x), y.detach(), rtol=1e-6, atol=1e-6)
     as64 = module.to(torch.float64)  # float64 leaves the oneDNN layer
     assert_rel_close(as64(x.double()), y.detach().double(), rel=1e-5)
+    del clone, pickled, fresh, m
+    gc.collect()
+    assert info()["packed"] == 0  # the converted weights' stale packed copies were dropped
+
+
+def test_mkldnn_disabled_falls_back_to_mm(gemm_mode):
+    # What a torch without oneDNN does: same results, mm path, nothing cached.
+    gemm_mode("onednn")
+    x, ws, bs = highway_case(300, 40, 2, torch.Generator().manual_seed(9))
+    grad = torch.randn(300, 40)
+    with torch.backends.mkldnn.flags(enabled=False):
+        OPS._cpu_gemm_reset()
+        off = highway_fwd_bwd(x, ws, bs, grad)
+        assert info()["onednn_calls"] == 0 and info()["entries"] == 0 and not info()["onednn_fp32"]
+    gemm_mode("mm")
+    for i, (a, b) in enumerate(zip(off, highway_fwd_bwd(x, ws, bs, grad))):
+        assert torch.equal(a, b), f"output {i}"
 
 
 @pytest.mark.parametrize("mode", ["mm", "onednn"])

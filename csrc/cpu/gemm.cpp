@@ -15,6 +15,7 @@
 // it still falls back to mm where oneDNN is absent (torch without it, bf16 without CPU support).
 #include "cpu/gemm.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 
@@ -69,6 +70,25 @@ at::Tensor choose(const at::Tensor& weight, Orientation orientation, int64_t M, 
   return packed_weight(weight, orientation, m == kOnednn || M >= kPackNowRows);
 }
 
+// Note [row blocks]
+// _linear_pointwise has no out= variant: it returns a new tensor that we copy into `out`. Running
+// it on blocks of rows bounds that temporary to ~kTempBytes (it stays in the allocator's heap and
+// the cache instead of being a fresh, page-faulting copy of the whole output) at no cost in GEMM
+// speed: a block has >= kMinBlockRows rows, where packed oneDNN is already near its peak.
+constexpr int64_t kTempBytes = int64_t{8} << 20;
+constexpr int64_t kMinBlockRows = 64;
+
+template <class Fn>
+void by_row_blocks(at::Tensor& out, const at::Tensor& x, const Fn& gemm_block) {
+  const int64_t M = x.size(0), N = out.size(1);
+  const int64_t rows = std::max(kMinBlockRows, kTempBytes / std::max<int64_t>(1, N * out.element_size()));
+  for (int64_t r0 = 0; r0 < M; r0 += rows) {
+    const int64_t r = std::min(rows, M - r0);
+    at::Tensor out_rows = out.narrow(0, r0, r);
+    out_rows.copy_(gemm_block(x.narrow(0, r0, r), out_rows));
+  }
+}
+
 void count(Path p) {
   g_last_path.store(p, std::memory_order_relaxed);
   (p == kPathMm ? g_mm_calls : g_onednn_calls).fetch_add(1, std::memory_order_relaxed);
@@ -88,9 +108,7 @@ void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
     return;
   }
   count(kPathOnednn);
-  // _linear_pointwise has no out= variant: one extra pass over out (about 2-3% at ELMo's shapes,
-  // bench/results/cpu-gemm-*.md).
-  out.copy_(onednn_linear(x, packed, bias));
+  by_row_blocks(out, x, [&](const at::Tensor& xs, const at::Tensor&) { return onednn_linear(xs, packed, bias); });
 }
 
 void add_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
@@ -101,7 +119,8 @@ void add_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) 
     return;
   }
   count(kPathOnednn);
-  out.copy_(onednn_linear_add(a, packed, out));  // the += happens in oneDNN's epilogue
+  // The += happens in oneDNN's epilogue (its "add" post-op reads the old out block).
+  by_row_blocks(out, a, [&](const at::Tensor& as, const at::Tensor& os) { return onednn_linear_add(as, packed, os); });
 }
 
 void set_mode(const std::string& m) { g_mode.store(parse_mode(m, "elmo_fast CPU GEMM mode"), std::memory_order_relaxed); }

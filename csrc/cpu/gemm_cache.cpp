@@ -46,15 +46,22 @@ struct Cache {
   std::map<Key, Entry> entries;
   CacheStats stats;
 
-  // Entries whose weight died. Cheap: a handful of weights per model.
+  // Forgets entries whose weight died, and drops packed copies of weights that changed since
+  // (e.g. module.to(float64), which takes the mm path and would never refresh them), so the cache
+  // holds packed copies of live, current weights only. Cheap: a handful of weights per model.
   void purge_locked() {
     for (auto it = entries.begin(); it != entries.end();) {
-      if (it->second.owner.expired()) {
+      c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> alive = it->second.owner.lock();
+      if (!alive) {
         it = entries.erase(it);
         ++stats.purged;
-      } else {
-        ++it;
+        continue;
       }
+      const at::Tensor weight(std::move(alive));
+      if (it->second.packed.defined() && (weight.dim() != 2 || !(Fingerprint::of(weight) == it->second.fingerprint))) {
+        it->second.packed = at::Tensor();
+      }
+      ++it;
     }
   }
 };

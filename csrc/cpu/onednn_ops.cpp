@@ -55,7 +55,8 @@ const Handles* handles() {
 
 bool onednn_available(at::ScalarType dtype) {
   const Handles* h = handles();
-  if (h == nullptr) return false;
+  // torch.backends.mkldnn.enabled = False (or flags(enabled=False)) turns this path off too.
+  if (h == nullptr || !at::globalContext().userEnabledMkldnn()) return false;
   if (dtype == at::kFloat) return true;
   if (dtype == at::kBFloat16) return h->bf16;
   return false;

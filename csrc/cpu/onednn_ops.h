@@ -7,7 +7,8 @@
 
 namespace elmo_fast::cpu_gemm {
 
-// Whether this torch has oneDNN and it can run `dtype` on this CPU (bf16 needs native support:
+// Whether this torch has oneDNN, it is enabled (torch.backends.mkldnn.enabled), and it can run
+// `dtype` on this CPU (bf16 needs native support:
 // torch's own mkldnn::_is_mkldnn_bf16_supported, decided from the CPU's flags at run time).
 bool onednn_available(at::ScalarType dtype);
 
