@@ -268,6 +268,9 @@ def test_opcheck_and_compile_with_forced_path(gemm_mode, mode):
     x, ws, bs = highway_case(20, 8, 2, gen)
     compiled = torch.compile(F.highway, fullgraph=True)
     assert_rel_close(compiled(x, ws, bs), F.highway(x, ws, bs), "compiled", rel=1e-6)
+    packs = info()["packs"]
+    compiled(x, ws, bs)
+    assert info()["packs"] == packs  # compiled graphs pass the same weight tensors: cache hits
 
 
 def test_concurrent_calls_agree(gemm_mode):
