@@ -94,12 +94,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_driver(
     linear_into(g, xp, w_ih, bias);  // the input GEMM of every step at once
     at::Tensor m_buf = has_proj ? at::empty({B, n}, x.options()) : at::Tensor();
     const double out_clip = has_proj ? 0.0 : proj_clip;  // without projection the clip applies to m = h
-    const at::Tensor w_hh_t = w_hh.t();
     for (int64_t s = 0; s < plan.steps; ++s) {
       const int64_t a = plan.active[s], off = plan.offset[s];
       at::Tensor z = g.narrow(0, off, a);
       const at::Tensor h_prev = s == 0 ? hbuf.narrow(0, 0, a) : hbuf.narrow(0, B + plan.offset[s - 1], a);
-      add_matmul_into(z, h_prev, w_hh_t);
+      add_linear_into(z, h_prev, w_hh);
       at::Tensor h = hbuf.narrow(0, B + off, a);
       at::Tensor m = has_proj ? m_buf.narrow(0, 0, a) : h;
       pw.forward(z, save ? gates_all.narrow(0, off, a) : at::Tensor(), c_state.narrow(0, 0, a),

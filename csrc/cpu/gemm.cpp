@@ -1,0 +1,171 @@
+// The CPU GEMM layer's path choice (gemm.h): oneDNN with a packed weight, or at::addmm.
+//
+// Note [when to pack]
+// oneDNN with a packed weight runs ELMo's shapes 1.5-3x faster than mm on machines whose MKL path
+// is weak (../shared/cpu-gemm.md), but packing costs about as much as ~200 rows of the GEMM
+// (15-17 ms for 8M fp32 weights, 1 thread), and per call oneDNN has a fixed overhead that loses to
+// mm on tiny products. So, in "auto":
+//  - products with M*N*K < kMinWork take mm (fixed overhead dominates; measured in
+//    bench/results/cpu-gemm-*.md);
+//  - a weight version is packed at its first use when M >= kPackNowRows (the pack pays for itself
+//    within the call), otherwise at its second use (it is being reused: inference, the recurrent
+//    steps of an LSTM); a weight that changes after every single use (training with small batches)
+//    thus never pays for a pack it cannot amortise.
+// "onednn" packs at first use and ignores kMinWork (tests exercise the oneDNN path on every shape);
+// it still falls back to mm where oneDNN is absent (torch without it, bf16 without CPU support).
+#include "cpu/gemm.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
+
+#include "cpu/gemm_cache.h"
+#include "cpu/onednn_ops.h"
+
+namespace elmo_fast::cpu_gemm {
+namespace {
+
+// oneDNN's fixed cost per call is ~25 us (mm's ~8 us, Zen 4, 1 thread); it starts to win around
+// M*N*K = 2-4M (16 x 512 x 512: 100 vs 122 us; 64 x 128 x 128: 57 vs 34 us). Every GEMM of the
+// original model at batch >= 1 is above it; batch-1 steps of the small model are below it.
+constexpr int64_t kMinWork = int64_t{1} << 21;
+constexpr int64_t kPackNowRows = 256;
+
+enum Mode : int { kUnset = -1, kAuto = 0, kMm = 1, kOnednn = 2 };
+enum Path : int { kNone = 0, kPathMm = 1, kPathOnednn = 2 };
+
+std::atomic<int> g_mode{kUnset};
+std::atomic<int> g_last_path{kNone};
+std::atomic<int64_t> g_mm_calls{0}, g_onednn_calls{0};
+
+Mode parse_mode(const std::string& s, const char* where) {
+  if (s.empty() || s == "auto") return kAuto;
+  if (s == "mm") return kMm;
+  if (s == "onednn") return kOnednn;
+  TORCH_CHECK(false, where, " must be auto, mm or onednn, got '", s, "'");
+  return kAuto;  // not reached
+}
+
+Mode mode() {
+  int m = g_mode.load(std::memory_order_relaxed);
+  if (m == kUnset) {
+    const char* env = std::getenv("ELMO_FAST_CPU_GEMM");
+    m = parse_mode(env ? env : "", "ELMO_FAST_CPU_GEMM");
+    g_mode.store(m, std::memory_order_relaxed);
+  }
+  return static_cast<Mode>(m);
+}
+
+const char* mode_name(int m) { return m == kMm ? "mm" : m == kOnednn ? "onednn" : "auto"; }
+
+// The packed weight to use for this call, or undefined for mm.
+at::Tensor choose(const at::Tensor& weight, Orientation orientation, int64_t M, int64_t N, int64_t K) {
+  const Mode m = mode();
+  if (m == kMm || M == 0 || N == 0 || K == 0) return at::Tensor();  // empty products: mm is exact and free
+  if (!onednn_available(weight.scalar_type())) return at::Tensor();
+  if (m == kAuto && M * N * K < kMinWork) return at::Tensor();
+  return packed_weight(weight, orientation, m == kOnednn || M >= kPackNowRows);
+}
+
+// Note [row blocks]
+// _linear_pointwise has no out= variant: it returns a new tensor that we copy into `out`. Running
+// it on blocks of rows bounds that temporary to ~kTempBytes (it stays in the allocator's heap and
+// the cache instead of being a fresh, page-faulting copy of the whole output) at no cost in GEMM
+// speed: a block has >= kMinBlockRows rows, where packed oneDNN is already near its peak.
+constexpr int64_t kTempBytes = int64_t{8} << 20;
+constexpr int64_t kMinBlockRows = 64;
+
+template <class Fn>
+void by_row_blocks(at::Tensor& out, const at::Tensor& x, const Fn& gemm_block) {
+  const int64_t M = x.size(0), N = out.size(1);
+  const int64_t rows = std::max(kMinBlockRows, kTempBytes / std::max<int64_t>(1, N * out.element_size()));
+  for (int64_t r0 = 0; r0 < M; r0 += rows) {
+    const int64_t r = std::min(rows, M - r0);
+    at::Tensor out_rows = out.narrow(0, r0, r);
+    out_rows.copy_(gemm_block(x.narrow(0, r0, r), out_rows));
+  }
+}
+
+void count(Path p) {
+  g_last_path.store(p, std::memory_order_relaxed);
+  (p == kPathMm ? g_mm_calls : g_onednn_calls).fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace
+
+void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  const at::Tensor packed = choose(weight, Orientation::kNK, x.size(0), weight.size(0), x.size(1));
+  if (!packed.defined()) {
+    count(kPathMm);
+    if (bias.defined()) {
+      at::addmm_out(out, bias, x, weight.t());
+    } else {
+      at::mm_out(out, x, weight.t());
+    }
+    return;
+  }
+  count(kPathOnednn);
+  by_row_blocks(out, x, [&](const at::Tensor& xs, const at::Tensor&) { return onednn_linear(xs, packed, bias); });
+}
+
+void add_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor packed = choose(b, Orientation::kKN, a.size(0), b.size(1), a.size(1));
+  if (!packed.defined()) {
+    count(kPathMm);
+    out.addmm_(a, b);
+    return;
+  }
+  count(kPathOnednn);
+  // The += happens in oneDNN's epilogue (its "add" post-op reads the old out block).
+  by_row_blocks(out, a, [&](const at::Tensor& as, const at::Tensor& os) { return onednn_linear_add(as, packed, os); });
+}
+
+void add_linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {
+  const at::Tensor packed = choose(weight, Orientation::kNK, x.size(0), weight.size(0), x.size(1));
+  if (!packed.defined()) {
+    count(kPathMm);
+    out.addmm_(x, weight.t());
+    return;
+  }
+  count(kPathOnednn);
+  by_row_blocks(out, x, [&](const at::Tensor& xs, const at::Tensor& os) { return onednn_linear_add(xs, packed, os); });
+}
+
+void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor packed = choose(b, Orientation::kKN, a.size(0), b.size(1), a.size(1));
+  if (!packed.defined()) {
+    count(kPathMm);
+    at::mm_out(out, a, b);
+    return;
+  }
+  count(kPathOnednn);
+  by_row_blocks(out, a, [&](const at::Tensor& as, const at::Tensor&) { return onednn_linear(as, packed, at::Tensor()); });
+}
+
+void set_mode(const std::string& m) { g_mode.store(parse_mode(m, "elmo_fast CPU GEMM mode"), std::memory_order_relaxed); }
+
+void reset_counters() {
+  g_mm_calls = 0;
+  g_onednn_calls = 0;
+  g_last_path = kNone;
+}
+
+std::string info_json() {
+  const CacheStats s = cache_stats();
+  const int last = g_last_path.load();
+  auto num = [](const char* k, int64_t v) { return std::string("\"") + k + "\": " + std::to_string(v); };
+  auto boolean = [](const char* k, bool v) { return std::string("\"") + k + "\": " + (v ? "true" : "false"); };
+  auto str = [](const char* k, const char* v) { return std::string("\"") + k + "\": \"" + v + "\""; };
+  return "{" + str("mode", mode_name(mode())) + ", " + boolean("onednn_fp32", onednn_available(at::kFloat)) + ", " +
+         boolean("onednn_bf16", onednn_available(at::kBFloat16)) + ", " +
+         str("last_path", last == kPathMm ? "mm" : last == kPathOnednn ? "onednn" : "none") + ", " +
+         num("mm_calls", g_mm_calls.load()) + ", " + num("onednn_calls", g_onednn_calls.load()) + ", " +
+         num("entries", s.entries) + ", " + num("packed", s.packed) + ", " + num("packs", s.packs) + ", " +
+         num("hits", s.hits) + ", " + num("refreshes", s.refreshes) + ", " + num("purged", s.purged) + ", " +
+         num("min_work", kMinWork) + ", " + num("pack_now_rows", kPackNowRows) + "}";
+}
+
+}  // namespace elmo_fast::cpu_gemm
