@@ -112,7 +112,7 @@ def char_cnn(char_ids: torch.Tensor, embedding: torch.Tensor, weights: Sequence[
                              f"got {tuple(b.shape)}")
         _check_like(w, embedding, f"weights[{i}]", "embedding")
         _check_like(b, embedding, f"biases[{i}]", "embedding")
-    widest = max((w.shape[2] for w in weights), default=1)
+    widest = max([1] + [w.shape[2] for w in weights])  # no max(default=): dynamo in torch 2.13 rejects it
     if char_ids.shape[1] < widest:
         raise ValueError(f"char_ids has {char_ids.shape[1]} char slots per token, fewer than the widest filter "
                          f"of weights ({widest})")
