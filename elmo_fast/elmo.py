@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from elmo_fast import functional
+from elmo_fast.nn.lstm import LstmCellWithProjection
 from elmo_fast.chars import BOS_CHARS, EOS_CHARS, MAX_CHARS, N_CHARACTERS, token_to_ids
 from elmo_fast.weights import load_weights
 
@@ -236,41 +237,6 @@ _ElmoCharacterEncoder = ElmoCharacterEncoder
 
 # --- LSTM ---------------------------------------------------------------------------------------
 
-class _LstmCellWithProjection(nn.Module):
-    """One layer, one direction (AllenNLP's `LstmCellWithProjection` parameters and attributes).
-
-    input_linearity Linear(I -> 4n, no bias); state_linearity Linear(P -> 4n, bias, +1 forget bias
-    folded in); state_projection Linear(n -> P, no bias). Gate blocks [i, f, j, o].
-    """
-
-    def __init__(self, input_size: int, hidden_size: int, cell_size: int, go_forward: bool = True,
-                 recurrent_dropout_probability: float = 0.0, memory_cell_clip_value: Optional[float] = None,
-                 state_projection_clip_value: Optional[float] = None):
-        super().__init__()
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.cell_size = cell_size
-        self.go_forward = go_forward
-        self.recurrent_dropout_probability = recurrent_dropout_probability
-        self.memory_cell_clip_value = memory_cell_clip_value
-        self.state_projection_clip_value = state_projection_clip_value
-        self.input_linearity = nn.Linear(input_size, 4 * cell_size, bias=False)
-        self.state_linearity = nn.Linear(hidden_size, 4 * cell_size, bias=True)
-        self.state_projection = nn.Linear(cell_size, hidden_size, bias=False)
-        if self.state_linearity.bias.device.type != "meta":
-            with torch.no_grad():   # AllenNLP: zero bias with the forget gate at 1
-                self.state_linearity.bias.zero_()
-                self.state_linearity.bias[cell_size:2 * cell_size] = 1.0
-
-    def forward(self, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor,
-                c0: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """inputs (B, T, I), lengths (B,), h0 (B, P), c0 (B, n) -> out (B, T, P), h_n (B, P), c_n (B, n)."""
-        return functional.lstm_projection(inputs, lengths, self.input_linearity.weight, self.state_linearity.weight,
-                                          self.state_linearity.bias, self.state_projection.weight, h0, c0,
-                                          self.memory_cell_clip_value, self.state_projection_clip_value,
-                                          reverse=not self.go_forward)
-
-
 class ElmoLstm(nn.Module):
     """AllenNLP's `ElmoLstm`: L layers of LSTM-with-projection per direction, independent forward and
     backward stacks, skip connections (on outputs only) for layers >= 1 (spec §5.3).
@@ -299,9 +265,9 @@ class ElmoLstm(nn.Module):
         forward_layers, backward_layers = [], []
         lstm_input_size = input_size
         for layer_index in range(num_layers):
-            forward_layer = _LstmCellWithProjection(lstm_input_size, hidden_size, cell_size, True, 0.0,
+            forward_layer = LstmCellWithProjection(lstm_input_size, hidden_size, cell_size, True, 0.0,
                                                     memory_cell_clip_value, state_projection_clip_value)
-            backward_layer = _LstmCellWithProjection(lstm_input_size, hidden_size, cell_size, False, 0.0,
+            backward_layer = LstmCellWithProjection(lstm_input_size, hidden_size, cell_size, False, 0.0,
                                                      memory_cell_clip_value, state_projection_clip_value)
             lstm_input_size = hidden_size
             self.add_module(f"forward_layer_{layer_index}", forward_layer)
@@ -362,10 +328,11 @@ class ElmoLstm(nn.Module):
         for layer_index in range(self.num_layers):
             forward_layer = self.forward_layers[layer_index]
             backward_layer = self.backward_layers[layer_index]
-            out_fwd, h_fwd, c_fwd = forward_layer(in_fwd, lengths, h0[layer_index, :, :p].contiguous(),
-                                                  c0[layer_index, :, :n].contiguous())
-            out_bwd, h_bwd, c_bwd = backward_layer(in_bwd, lengths, h0[layer_index, :, p:].contiguous(),
-                                                   c0[layer_index, :, n:].contiguous())
+            out_fwd, (h_fwd, c_fwd) = forward_layer(in_fwd, lengths, (h0[layer_index:layer_index + 1, :, :p],
+                                                                     c0[layer_index:layer_index + 1, :, :n]))
+            out_bwd, (h_bwd, c_bwd) = backward_layer(in_bwd, lengths, (h0[layer_index:layer_index + 1, :, p:],
+                                                                       c0[layer_index:layer_index + 1, :, n:]))
+            h_fwd, c_fwd, h_bwd, c_bwd = h_fwd[0], c_fwd[0], h_bwd[0], c_bwd[0]
             if layer_index != 0:   # skip connections: the output only; the recurrent state is un-summed
                 out_fwd = out_fwd + in_fwd
                 out_bwd = out_bwd + in_bwd

@@ -160,6 +160,8 @@ class LstmCellWithProjection(nn.Module):
 
     def reset_parameters(self) -> None:
         # AllenNLP: block-orthogonal weights, zero bias with the forget gate's block at 1.
+        if self.state_linearity.weight.is_meta:
+            return  # built on the meta device to be filled by load_state_dict(assign=True)
         for linear in (self.input_linearity, self.state_linearity):
             with torch.no_grad():
                 for block in linear.weight.split(self.cell_size, dim=0):
@@ -175,7 +177,7 @@ class LstmCellWithProjection(nn.Module):
             h0 = inputs.new_zeros(B, self.hidden_size)
             c0 = inputs.new_zeros(B, self.cell_size)
         else:
-            h0, c0 = initial_state[0].squeeze(0), initial_state[1].squeeze(0)
+            h0, c0 = initial_state[0].squeeze(0).contiguous(), initial_state[1].squeeze(0).contiguous()
         out, h, c = F.lstm_projection(inputs, lengths, self.input_linearity.weight, self.state_linearity.weight,
                                       self.state_linearity.bias, self.state_projection.weight, h0, c0,
                                       self.memory_cell_clip_value, self.state_projection_clip_value,
