@@ -43,6 +43,42 @@ class Result:
     extra: Dict[str, float] = field(default_factory=dict)
 
 
+def flops(op: str, model: str, batch: int, words: int, backward: bool) -> float:
+    """Nominal FLOPs of one call as AllenNLP's algorithm computes it (dense: every token's full
+    char-CNN, every step of every row), so that GFLOP/s compare implementations doing less work
+    (padding shortcut, dedup) against the machine's GEMM rate. Backward counts 2x the forward."""
+    m = MODELS[model]
+    n, p, layers = m["dim"], m["projection_dim"], m["n_highway"]
+    tokens = batch * (words + 2)
+    conv = sum(2 * tokens * (51 - w) * w * 16 * k for w, k in [(1, 32), (2, 32), (3, 64), (4, 128), (5, 256),
+                                                               (6, 512), (7, 1024)])
+    highway = layers * 2 * tokens * NUM_FILTERS * 2 * NUM_FILTERS
+    lstm_step = 2 * p * 4 * n * 2 + 2 * n * p  # input + recurrent GEMM (both P -> 4n) + projection, per row
+    lstm = tokens * lstm_step
+    total = {"highway": highway, "char_cnn": conv, "lstm_projection": lstm,
+             "elmo": conv + highway + 2 * tokens * NUM_FILTERS * p + 4 * lstm}[op]
+    return float(total * (3 if backward else 1))
+
+
+def gemm_peak_gflops(threads: int, dtype: torch.dtype = torch.float32, repeats: int = 5) -> Dict[str, float]:
+    """GFLOP/s of one ELMo-shaped GEMM (the hoisted LSTM input GEMM, 352 x 512 -> 16384) on torch's
+    mm and on elmo_fast's CPU GEMM layer (oneDNN packed where available), measured now."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(352, 512, generator=gen).to(dtype)
+        w = torch.randn(16384, 512, generator=gen).to(dtype)
+        work = 2 * 352 * 512 * 16384
+        rates = {"mm": work / time_call(lambda: torch.mm(x, w.t()), repeats) / 1e9}
+        layer = getattr(torch.ops.elmo_fast, "_cpu_gemm_linear", None)
+        if layer is not None:
+            rates["elmo_fast_gemm"] = work / time_call(lambda: layer(x, w, None), repeats, warmup=2) / 1e9
+        return rates
+    finally:
+        torch.set_num_threads(saved)
+
+
 def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time of fn() over `repeats` calls after `warmup` calls."""
     for _ in range(warmup):
@@ -161,6 +197,7 @@ def run(ops: List[str], models: List[str], shapes: List[tuple], threads: List[in
         full: bool = False) -> List[Result]:
     """Time every (op, model, shape, mode, threads) cell; the whole biLM's backward only when full."""
     results = []
+    peaks: Dict[int, float] = {}  # threads -> the best GEMM rate measured in this run
     saved_threads = torch.get_num_threads()
     try:
         for op in ops:
@@ -170,15 +207,21 @@ def run(ops: List[str], models: List[str], shapes: List[tuple], threads: List[in
                         if op == "elmo" and mode != "forward" and not full:
                             continue  # the reference biLM's backward alone takes ~20 s at 16 x 20
                         tokens, impls = CASES[op](model, batch, words, dtype, mode == "forward+backward")
+                        work = flops(op, model, batch, words, mode == "forward+backward")
                         for nthreads in threads:
+                            if nthreads not in peaks:
+                                peaks[nthreads] = max(gemm_peak_gflops(nthreads, dtype).values())
                             torch.set_num_threads(nthreads)
                             times = {name: time_call(fn, repeats) for name, fn in impls.items()}
                             base = times["reference"]
                             for name, t in times.items():
+                                gflops = work / t / 1e9
                                 r = Result(op, mode, model, f"{batch}x{words}", str(dtype).replace("torch.", ""),
-                                           nthreads, name, t, repeats, tokens, "reference", base / t)
+                                           nthreads, name, t, repeats, tokens, "reference", base / t,
+                                           extra={"gflops": gflops, "gemm_peak_gflops": peaks[nthreads],
+                                                  "pct_of_gemm_peak": 100 * gflops / peaks[nthreads]})
                                 results.append(r)
-                            progress(format_row(results[-1]))
+                                progress(format_row(r))
     finally:
         torch.set_num_threads(saved_threads)
     return results
@@ -186,12 +229,13 @@ def run(ops: List[str], models: List[str], shapes: List[tuple], threads: List[in
 
 def format_row(r: Result) -> str:
     return (f"{r.op:<16} {r.mode:<17} {r.model:<9} {r.shape:>6} {r.dtype:<8} {r.threads:>2} thr "
-            f"{r.impl:<13} {r.median_s * 1e3:9.2f} ms  {r.tokens / r.median_s:10.0f} tok/s  x{r.speedup:.2f}")
+            f"{r.impl:<13} {r.median_s * 1e3:9.2f} ms  {r.tokens / r.median_s:10.0f} tok/s  x{r.speedup:5.2f}  "
+            f"{r.extra.get('pct_of_gemm_peak', float('nan')):5.1f}%")
 
 
 def table(results: List[Result]) -> str:
     header = (f"{'op':<16} {'mode':<17} {'model':<9} {'shape':>6} {'dtype':<8} {'threads':>7} "
-              f"{'impl':<13} {'median':>12}  {'throughput':>16}  vs reference")
+              f"{'impl':<13} {'median':>12}  {'throughput':>16}  {'vs ref':>6}  of GEMM peak")
     return "\n".join([header] + [format_row(r) for r in results])
 
 

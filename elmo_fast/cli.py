@@ -39,9 +39,13 @@ def _bench(args: argparse.Namespace) -> int:
                               full=args.full)
     print()
     print(benchmark.table(results))
-    path = os.path.join(args.out, f"cpu-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    benchmark.write_json(results, path)
-    print(f"\nwrote {path}")
+    stem = os.path.join(args.out, f"cpu-{time.strftime('%Y%m%d-%H%M%S')}")
+    benchmark.write_json(results, stem + ".json")
+    print(f"\nwrote {stem}.json")
+    from elmo_fast.bench_plot import plot_speedups
+
+    why_not = plot_speedups(results, stem + ".png")
+    print(why_not or f"wrote {stem}.png")
     return 0
 
 

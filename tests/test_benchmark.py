@@ -1,7 +1,9 @@
 """The benchmark driver runs, times both implementations and writes its JSON (not a speed test)."""
 import json
 
-from elmo_fast import benchmark, bench_data, cli
+import pytest
+
+from elmo_fast import bench_data, bench_plot, benchmark, cli
 
 
 def test_driver_times_reference_and_fused_and_writes_json(tmp_path):
@@ -10,6 +12,7 @@ def test_driver_times_reference_and_fused_and_writes_json(tmp_path):
     assert {(r.mode, r.impl) for r in results} == {(m, i) for m in ["forward", "forward+backward"]
                                                    for i in ["reference", "elmo_fast"]}
     assert all(r.median_s > 0 and r.tokens == 5 and r.threads == 1 for r in results)
+    assert all(r.extra["gemm_peak_gflops"] > 0 and r.extra["pct_of_gemm_peak"] > 0 for r in results)
     assert "highway" in benchmark.table(results)
     path = tmp_path / "out.json"
     benchmark.write_json(results, str(path))
@@ -29,3 +32,18 @@ def test_cli_info(capsys):
     assert cli.main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert "torch" in info and "cuda_available" in info
+
+
+def test_flops_count_the_dense_work():
+    # original highway, 1 sentence of 3 words = 5 tokens, 2 layers of (5 x 2048) @ (2048 x 4096)
+    assert benchmark.flops("highway", "original", 1, 3, False) == 2 * 2 * 5 * 2048 * 4096
+    assert benchmark.flops("highway", "original", 1, 3, True) == 3 * benchmark.flops("highway", "original", 1, 3, False)
+
+
+def test_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = benchmark.run(["highway"], ["small"], [(1, 3), (2, 3)], [1], ["forward"], repeats=1,
+                            progress=lambda line: None)
+    path = tmp_path / "speedup.png"
+    assert bench_plot.plot_speedups(results, str(path)) is None
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
