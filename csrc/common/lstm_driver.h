@@ -15,7 +15,7 @@
 // Note [chunked input GEMM]: with activations saved, the input GEMM of every step runs at once into
 // the saved gates (total, 4n). Without them (inference) it runs per chunk of consecutive steps of at
 // most kLstmInputChunkRows packed rows (at least one step) into one reusable buffer, so memory stays
-// linear in T with no (total, 4n) buffer: a 10 000-residue protein needs 64 MiB of gates, not 2.5 GiB,
+// linear in T with no (total, 4n) buffer: a 10 000-residue protein needs 64 MiB of gates, not 625 MiB,
 // for n = 4096. Row results are the same GEMM per row, equal up to float rounding.
 #pragma once
 
