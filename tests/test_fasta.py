@@ -184,3 +184,25 @@ def test_fasta_10000_residues_memory_linear(tmp_path):
     print(f"peak RSS growth for a 10 000-residue sequence (n=1024, P=64): {growth:.1f} MiB")
     gates_buffer_mib = 10002 * 4 * 1024 * 4 / 2**20
     assert growth < 0.5 * gates_buffer_mib, growth
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_fasta_equals_single(model, tmp_path):
+    records = random_fasta(tmp_path / "in.fasta", 13, seed=5)
+    with open(tmp_path / "in.fasta", "a") as f:
+        f.write(">empty\n")
+    ElmoEmbedder(*model, stateful=False).embed_fasta(str(tmp_path / "in.fasta"), str(tmp_path / "one.hdf5"), "all",
+                                                     batch_size=3, sort=False)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "elmo_fast.cli", "embed",
+                           str(tmp_path / "in.fasta"), str(tmp_path / "two.hdf5"), "--options-file", model[0], "--weight-file", model[1], "--fasta",
+                           "--all", "--stateless", "--batch-size", "3", "--no-progress"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    one, _ = read(tmp_path / "one.hdf5")
+    two, attrs = read(tmp_path / "two.hdf5")
+    assert attrs == {} and sorted(two) == sorted(one) == sorted([*records, "empty"])
+    assert two["empty"].shape == (3, 0, 1024)
+    for key in one:
+        np.testing.assert_allclose(two[key], one[key], **TOL_REORDER)
