@@ -196,8 +196,9 @@ def test_torchrun_two_processes_fasta_equals_single(model, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "elmo_fast.cli", "embed",
-                           str(tmp_path / "in.fasta"), str(tmp_path / "two.hdf5"), "--options-file", model[0], "--weight-file", model[1], "--fasta",
-                           "--all", "--stateless", "--batch-size", "3", "--no-progress"],
+                           str(tmp_path / "in.fasta"), str(tmp_path / "two.hdf5"), "--options-file", model[0],
+                           "--weight-file", model[1], "--fasta", "--all", "--stateless", "--batch-size", "3",
+                           "--no-progress"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     one, _ = read(tmp_path / "one.hdf5")
