@@ -12,6 +12,8 @@ Used by `ElmoEmbedder.embed_file` and `elmo-fast embed`. Two batching schemes:
 Resume (Note [resumable output] in embed_io): lines recorded as done are skipped. With state "carry" the
 done lines are a prefix and the carried LSTM state is saved after every batch, so a resumed run continues
 with exactly the state the interrupted one had: the completed file equals an uninterrupted run's.
+FASTA input (input_format="fasta", Note [FASTA input] in embed_io): records instead of lines, one residue per
+token, keys = the ids, no "sentence_to_index"; everything else (budget, sorting, resume, shards) is the same.
 """
 import os
 import time
@@ -19,11 +21,13 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from elmo_fast.embed_io import ConfigurationError, DeferInterrupts, InputLines, OutputFile, check_output_path
+from elmo_fast.embed_io import (ConfigurationError, DeferInterrupts, FastaRecords, InputLines, OutputFile,
+                                check_output_path)
 
 __all__ = ["prepare", "run", "embed_corpus", "merge_shards", "FORMATS"]
 
 FORMATS = ("all", "top", "average")
+INPUT_FORMATS = ("text", "fasta")
 
 Item = Tuple[int, str, List[str]]      # (line index, dataset key, tokens)
 
@@ -76,13 +80,18 @@ def _sorted(items: Iterable[Item], batch_size: int, max_tokens: Optional[int], w
     yield from pack(final=True)
 
 
-def _format(array: np.ndarray, length: int, output_format: str) -> np.ndarray:
-    """array: (L + 1, T, D) of one row -> the dataset contents, as AllenNLP's embed_file computes them."""
+def _format(array: Optional[np.ndarray], length: int, output_format: str) -> np.ndarray:
+    """array: (L + 1, T, D) of one row -> the dataset contents, as AllenNLP's embed_file computes them.
+    An empty sentence (FASTA only) gets AllenNLP's empty embedding (Note [empty sentence])."""
+    if length == 0:
+        from elmo_fast.embedder import empty_embedding
+
+        array = empty_embedding()
     embeddings = array[:, :length]
     if output_format == "top":
         return embeddings[-1]
-    if output_format == "average":
-        return np.average(embeddings, axis=0)
+    if output_format == "average":   # (np.average divides by zero on the empty embedding)
+        return np.average(embeddings, axis=0) if length else embeddings[-1]
     return embeddings
 
 
@@ -90,18 +99,27 @@ def prepare(input_file: Any, output_file_path: str, *, output_format: str = "all
             forget_sentences: bool = False, use_sentence_keys: bool = False,
             max_tokens_per_batch: Optional[int] = None, resume: bool = False, overwrite: bool = False,
             encoding_errors: str = "strict", state: str = "carry", dtype: str = "float32",
-            shard: Tuple[int, int] = (0, 1)) -> Dict[str, Any]:
+            shard: Tuple[int, int] = (0, 1), input_format: str = "text") -> Dict[str, Any]:
     """Everything that can fail before a model is loaded: settings, the output path (opened/created),
-    and the input (a seekable file is read once to check UTF-8 and blank lines and count lines)."""
+    and the input (a seekable file is read once to check UTF-8 and blank lines (FASTA: the format and
+    duplicate ids) and count lines (records))."""
     _check_settings(output_format, batch_size, max_tokens_per_batch)
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+    if input_format == "fasta" and use_sentence_keys:
+        raise ValueError("FASTA input is keyed by the sequence ids; use_sentence_keys (--use-sentence-keys) does not "
+                         "apply")
     output_file_path = os.fsdecode(os.fspath(output_file_path))
     mode = check_output_path(output_file_path, overwrite=overwrite, resume=resume)
-    reader = InputLines(input_file, encoding_errors)
+    reader = FastaRecords(input_file, encoding_errors) if input_format == "fasta" else InputLines(input_file,
+                                                                                                  encoding_errors)
     try:
         count = reader.prescan()
         job = {"output_format": output_format, "use_sentence_keys": use_sentence_keys,
                "forget_sentences": forget_sentences, "state": state, "dtype": dtype, "batch_size": batch_size,
                "max_tokens_per_batch": max_tokens_per_batch, "shard": list(shard)}
+        if input_format == "fasta":   # absent for text, so that files begun before FASTA support still resume
+            job["input_format"] = input_format
         output = OutputFile(output_file_path, mode, job)
     except BaseException:
         reader.close()
@@ -118,6 +136,7 @@ def run(embedder: Any, prepared: Dict[str, Any], *, sort: Optional[bool] = None,
     output_format, batch_size, max_tokens = job["output_format"], job["batch_size"], job["max_tokens_per_batch"]
     rank, world = job["shard"]
     use_sentence_keys, forget_sentences = job["use_sentence_keys"], job["forget_sentences"]
+    fasta = job.get("input_format") == "fasta"
     state = embedder.state
     if state != job["state"]:
         raise ValueError(f"the embedder's state {state!r} differs from the prepared job's {job['state']!r}")
@@ -131,7 +150,7 @@ def run(embedder: Any, prepared: Dict[str, Any], *, sort: Optional[bool] = None,
     window = window or max(1000, 100 * batch_size)
     summary = {"lines": 0, "embedded": 0, "tokens": 0, "skipped": output.n_done, "seconds": 0.0,
                "complete_before": output.complete}
-    track_index = not forget_sentences and not use_sentence_keys
+    track_index = not forget_sentences and not use_sentence_keys and not fasta
     sentence_to_index: Optional[Dict[str, str]] = {} if track_index else None
     if output.complete:
         reader.close()
@@ -155,6 +174,11 @@ def run(embedder: Any, prepared: Dict[str, Any], *, sort: Optional[bool] = None,
     def items() -> Iterator[Item]:
         for index, sentence in reader:
             counters["lines"] += 1
+            if fasta:      # (id, sequence): the id is the key, each residue a token
+                key, residues = sentence
+                if index % world == rank and not output.is_done(index):
+                    yield index, key, list(residues)
+                continue
             key = sentence if use_sentence_keys else str(index)
             if seen_keys is not None:
                 if key in seen_keys:
@@ -182,7 +206,9 @@ def run(embedder: Any, prepared: Dict[str, Any], *, sort: Optional[bool] = None,
     start = time.perf_counter()
     try:
         for batch in batches:
-            arrays = embedder._numpy_batch([tokens for _, _, tokens in batch])
+            sentences = [tokens for _, _, tokens in batch]
+            # a batch of only empty sequences does not run the model (embed_batch's [[]])
+            arrays = embedder._numpy_batch(sentences) if any(sentences) else [None] * len(batch)
             records = [(index, key, _format(arrays[row], len(tokens), output_format).astype(np.float32, copy=False))
                        for row, (index, key, tokens) in enumerate(batch)]
             ntok = sum(len(tokens) for _, _, tokens in batch)
@@ -218,14 +244,15 @@ def embed_corpus(embedder: Any, input_file: Any, output_file_path: str, *, outpu
                  batch_size: int = 64, forget_sentences: bool = False, use_sentence_keys: bool = False,
                  max_tokens_per_batch: Optional[int] = None, resume: bool = False, overwrite: bool = False,
                  encoding_errors: str = "strict", sort: Optional[bool] = None, window: Optional[int] = None,
-                 progress: bool = False) -> Dict[str, Any]:
+                 progress: bool = False, input_format: str = "text") -> Dict[str, Any]:
     """prepare + run with a loaded embedder (ElmoEmbedder.embed_file)."""
     from elmo_fast.embedder import dtype_name
 
     prepared = prepare(input_file, output_file_path, output_format=output_format, batch_size=batch_size,
                        forget_sentences=forget_sentences, use_sentence_keys=use_sentence_keys,
                        max_tokens_per_batch=max_tokens_per_batch, resume=resume, overwrite=overwrite,
-                       encoding_errors=encoding_errors, state=embedder.state, dtype=dtype_name(embedder.dtype))
+                       encoding_errors=encoding_errors, state=embedder.state, dtype=dtype_name(embedder.dtype),
+                       input_format=input_format)
     summary = run(embedder, prepared, sort=sort, window=window, progress=progress)
     summary.pop("sentence_to_index", None)
     return summary

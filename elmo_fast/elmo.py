@@ -42,6 +42,13 @@ LAYER_NORM_EPS = 1e-12
 
 # --- input checks -------------------------------------------------------------------------------
 
+# Note [encoder chunks]: under no_grad the character encoder runs at most ENCODE_CHUNK_ROWS token rows per
+# call (char-CNN, highway and projection are row-wise), so its working memory (a few (rows, F) buffers) is
+# bounded however long the sentence (a 10 000-residue protein) or large the batch. With autograd on, every
+# row runs at once as before (the saved activations are needed anyway).
+ENCODE_CHUNK_ROWS = 4096
+
+
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -219,8 +226,18 @@ class ElmoCharacterEncoder(nn.Module):
             return self.embed_ids(char_ids)
         distinct, inverse = torch.unique(char_ids, dim=0, return_inverse=True)
         if distinct.shape[0] == char_ids.shape[0]:
+            return self._embed_chunked(char_ids)
+        return self._embed_chunked(distinct).index_select(0, inverse)
+
+    def _embed_chunked(self, char_ids: torch.Tensor) -> torch.Tensor:
+        """embed_ids, ENCODE_CHUNK_ROWS rows per call under no_grad (Note [encoder chunks])."""
+        rows = char_ids.shape[0]
+        if rows <= ENCODE_CHUNK_ROWS or torch.is_grad_enabled():
             return self.embed_ids(char_ids)
-        return self.embed_ids(distinct).index_select(0, inverse)
+        out = char_ids.new_empty((rows, self.output_dim), dtype=self._projection.weight.dtype)
+        for start in range(0, rows, ENCODE_CHUNK_ROWS):
+            out[start:start + ENCODE_CHUNK_ROWS] = self.embed_ids(char_ids[start:start + ENCODE_CHUNK_ROWS])
+        return out
 
     def forward(self, inputs: torch.Tensor) -> Dict[str, torch.Tensor]:
         inputs = _check_char_ids(inputs, exact_rank=3).long()

@@ -22,7 +22,7 @@ def add_embed_parser(sub: Any) -> None:
     p = sub.add_parser("embed", help="embed a corpus (one tokenized sentence per line) into an hdf5 file",
                        description="Embed a text file (one whitespace-tokenized sentence per line) with ELMo into an "
                                    "hdf5 file in the layout of AllenNLP 0.9's `allennlp elmo`.")
-    p.add_argument("input", metavar="INPUT", help="input text file, or - for stdin")
+    p.add_argument("input", metavar="INPUT", help="input text file (FASTA with --fasta), or - for stdin")
     p.add_argument("output", metavar="OUTPUT", help="output hdf5 file")
     p.add_argument("--options-file", required=True, help="ELMo options.json")
     p.add_argument("--weight-file", required=True, help="ELMo weights hdf5")
@@ -32,9 +32,11 @@ def add_embed_parser(sub: Any) -> None:
     fmt.add_argument("--top", dest="output_format", action="store_const", const="top", help="top layer: (len, 2P)")
     fmt.add_argument("--average", dest="output_format", action="store_const", const="average",
                      help="mean of the layers: (len, 2P)")
+    p.add_argument("--fasta", action="store_true",
+                   help="INPUT is FASTA: each sequence is a sentence of one-residue tokens (SeqVec), keyed by its id")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
     p.add_argument("--max-tokens-per-batch", type=int, default=None,
-                   help="cap on padded tokens per batch, rows x (longest + 2)")
+                   help="cap on padded tokens (residues with --fasta) per batch, rows x (longest + 2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     state = p.add_mutually_exclusive_group()
@@ -93,7 +95,7 @@ def _prepare(args: argparse.Namespace, output: str, shard=(0, 1)):
                           forget_sentences=args.forget_sentences, use_sentence_keys=args.use_sentence_keys,
                           max_tokens_per_batch=args.max_tokens_per_batch, resume=args.resume,
                           overwrite=args.overwrite, encoding_errors=args.encoding_errors, state=_state(args),
-                          dtype=args.dtype, shard=shard)
+                          dtype=args.dtype, shard=shard, input_format="fasta" if args.fasta else "text")
 
 
 def embed_main(args: argparse.Namespace) -> int:

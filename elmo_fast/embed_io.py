@@ -25,14 +25,14 @@ from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequ
 import h5py
 import numpy as np
 
-__all__ = ["ConfigurationError", "InputLines", "OutputFile", "DeferInterrupts", "check_output_path",
+__all__ = ["ConfigurationError", "InputLines", "FastaRecords", "OutputFile", "DeferInterrupts", "check_output_path",
            "JOB_ATTR", "DONE_NAME"]
 
 JOB_ATTR = "elmo_fast_job"
 DONE_NAME = "_elmo_fast_done"
 STATE_NAMES = ("_elmo_fast_state_h", "_elmo_fast_state_c")
 # Settings that change the file's contents; a resumed run must use the same values.
-_JOB_KEYS = ("output_format", "use_sentence_keys", "forget_sentences", "state", "dtype", "shard")
+_JOB_KEYS = ("output_format", "use_sentence_keys", "forget_sentences", "state", "dtype", "shard", "input_format")
 _STATEFUL_JOB_KEYS = ("batch_size", "max_tokens_per_batch")
 
 
@@ -147,6 +147,85 @@ class InputLines:
         for count, _ in enumerate(self, 1):
             pass
         self.stream.seek(start)
+        return count
+
+
+class FastaRecords:
+    """Iterate `(index, (id, sequence))` over a FASTA file: index = 0-based record number, id = the first
+    word of the header line after ">", sequence = the record's sequence lines joined with all whitespace
+    removed (multi-line records; residues are kept as written, case included).
+
+    Note [FASTA input]: each record is embedded as one sentence of one-residue tokens (SeqVec), keyed by
+    its id. Blank lines are skipped (as Biopython's parser does). Errors (ConfigurationError, naming the
+    line): sequence data before the first header, a header without an id, invalid UTF-8 (unless
+    encoding_errors="replace"), and ids that occur more than once (`prescan()` lists every duplicate id
+    before any computation; a stream stops at the first). A record without residues is an empty
+    sentence (Note [empty sentence] in elmo_fast.embedder).
+    """
+
+    def __init__(self, source: Any, encoding_errors: str = "strict"):
+        self._lines = InputLines(source, encoding_errors)
+        self.name = self._lines.name
+
+    def seekable(self) -> bool:
+        return self._lines.seekable()
+
+    def close(self) -> None:
+        self._lines.close()
+
+    def _records(self) -> Iterator[Tuple[int, str, str]]:
+        """(line number of the header, id, sequence) per record, no duplicate check."""
+        header_line, name, parts = -1, None, []  # type: int, Optional[str], List[str]
+        for index, line in enumerate(self._lines._raw()):
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith(">"):
+                if name is not None:
+                    yield header_line, name, "".join(parts)
+                words = line[1:].split()
+                if not words:
+                    raise ConfigurationError(f"{self.name}: line {index + 1}: a FASTA header without an id")
+                header_line, name, parts = index, words[0], []
+            elif name is None:
+                raise ConfigurationError(f"{self.name}: line {index + 1}: sequence data before the first '>' header "
+                                         f"(is this a FASTA file? plain text needs no --fasta)")
+            else:
+                parts.append("".join(line.split()))
+        if name is not None:
+            yield header_line, name, "".join(parts)
+
+    def __iter__(self) -> Iterator[Tuple[int, Tuple[str, str]]]:
+        seen: Dict[str, int] = {}
+        for index, (line, name, sequence) in enumerate(self._records()):
+            if name in seen:
+                raise ConfigurationError(f"{self.name}: duplicate FASTA id {name!r} (lines {seen[name] + 1} and "
+                                         f"{line + 1}); the ids are the dataset keys and must be unique")
+            seen[name] = line
+            yield index, (name, sequence)
+
+    def prescan(self) -> Optional[int]:
+        """Check a seekable input completely (format, UTF-8, duplicate ids: all listed) and return the
+        number of records; None for a stream."""
+        if not self.seekable():
+            return None
+        stream = self._lines.stream
+        start = stream.tell()
+        seen: Dict[str, int] = {}
+        duplicates: Dict[str, List[int]] = {}
+        count = 0
+        for count, (line, name, _) in enumerate(self._records(), 1):
+            if name in seen:
+                duplicates.setdefault(name, [seen[name] + 1]).append(line + 1)
+            else:
+                seen[name] = line
+        if duplicates:
+            shown = "; ".join(f"{name!r} (header lines {', '.join(map(str, lines))})"
+                              for name, lines in list(duplicates.items())[:20])
+            more = f"; and {len(duplicates) - 20} more" if len(duplicates) > 20 else ""
+            raise ConfigurationError(f"{self.name}: {len(duplicates)} FASTA id(s) occur more than once: {shown}{more}. "
+                                     f"The ids are the dataset keys and must be unique.")
+        stream.seek(start)
         return count
 
 

@@ -239,3 +239,21 @@ class ElmoEmbedder:
                             forget_sentences=forget_sentences, use_sentence_keys=use_sentence_keys,
                             max_tokens_per_batch=max_tokens_per_batch, resume=resume, overwrite=overwrite,
                             encoding_errors=encoding_errors, sort=sort, progress=progress)
+
+    def embed_fasta(self, input_file: Any, output_file_path: str, output_format: str = "all",
+                    batch_size: int = DEFAULT_BATCH_SIZE, *, max_tokens_per_batch: Optional[int] = None,
+                    resume: bool = False, overwrite: bool = True, encoding_errors: str = "strict",
+                    sort: Optional[bool] = None, progress: bool = False) -> Dict[str, Any]:
+        """Embed protein (or any) sequences from a FASTA file, SeqVec-style: each record is one sentence of
+        one-residue tokens, written as `embed_file` writes a line, keyed by the record's id (the first word of
+        its header); no "sentence_to_index". Multi-line records, blank lines skipped; duplicate ids, data
+        before the first header and headers without an id are errors (Note [FASTA input] in embed_io); an
+        empty record gets AllenNLP's empty embedding. `max_tokens_per_batch` budgets residues per batch as
+        rows x (longest + 2); a longer sequence runs alone. Long sequences (10 000+ residues) run in memory
+        linear in their length (Note [chunked input GEMM] in csrc/common/lstm_driver.h).
+        """
+        from elmo_fast.corpus import embed_corpus
+
+        return embed_corpus(self, input_file, output_file_path, output_format=output_format, batch_size=batch_size,
+                            max_tokens_per_batch=max_tokens_per_batch, resume=resume, overwrite=overwrite,
+                            encoding_errors=encoding_errors, sort=sort, progress=progress, input_format="fasta")

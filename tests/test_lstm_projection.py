@@ -161,6 +161,29 @@ def test_lstm_projection_no_grad_saves_nothing():
     assert not out.requires_grad
 
 
+INPUT_CHUNK_ROWS = 1024  # kLstmInputChunkRows in csrc/common/lstm_driver.h (Note [chunked input GEMM])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_projection_long_no_grad_chunks_match_saved_path(device, dtype, reverse):
+    # 2 * 600 + 1 + 1000 packed rows: three input-GEMM chunks without saving, one with; ragged rows end
+    # inside chunks. The chunked path must give the saved (all-steps-at-once) path's numbers.
+    gen = torch.Generator().manual_seed(11)
+    lengths = [1000, 600, 600, 1]
+    t, lens = make_case(gen, 4, 1000, 6, 8, 5, lengths, dtype=dtype, device=device, requires_grad=False)
+    assert sum(lengths) > 2 * INPUT_CHUNK_ROWS
+    args = [t["x"], lens, t["w_ih"], t["w_hh"], t["bias"], t["w_proj"], t["h0"], t["c0"], 3.0, 3.0, reverse]
+    chunked = torch.ops.elmo_fast.lstm_projection(*args, False)
+    whole = torch.ops.elmo_fast.lstm_projection(*args, True)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for got, want, name in zip(chunked[:3], whole[:3], ["out", "h_n", "c_n"]):
+        assert_close_verbose(got, want, name, **tol)
+    want = run(R.lstm_projection, detached(t, torch.float64), lens, 3.0, 3.0, reverse)
+    assert_close_verbose(chunked[0].double(), want[0], "out vs reference", **TOL[dtype])
+
+
 @pytest.mark.parametrize("proj", [True, False])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_lstm_projection_gradcheck(proj, reverse):

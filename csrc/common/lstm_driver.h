@@ -12,8 +12,14 @@
 // Shapes: x (B, T, I); w_ih (4n, I); w_hh (4n, P); bias (4n,); w_proj (P, n); h0 (B, P); c0 (B, n).
 // activations (saved for backward, acc dtype, flat): [gates (B*T, 4n) | c (B*T, n)], the first
 // `total` rows of each used (packed order); (0,) when not saved.
+// Note [chunked input GEMM]: with activations saved, the input GEMM of every step runs at once into
+// the saved gates (total, 4n). Without them (inference) it runs per chunk of consecutive steps of at
+// most kLstmInputChunkRows packed rows (at least one step) into one reusable buffer, so memory stays
+// linear in T with no (total, 4n) buffer: a 10 000-residue protein needs 64 MiB of gates, not 625 MiB,
+// for n = 4096. Row results are the same GEMM per row, equal up to float rounding.
 #pragma once
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -29,6 +35,8 @@
 #include "common/lstm_plan.h"
 
 namespace elmo_fast {
+
+constexpr int64_t kLstmInputChunkRows = 1024;  // Note [chunked input GEMM]
 
 struct LstmDims {
   int64_t B, T, I, n, P;
@@ -87,16 +95,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_driver(
 
   if (plan.total > 0) {
     const int64_t total = plan.total;
-    const at::Tensor xp = x.view({B * T, d.I}).index_select(0, plan.pack_index);  // (total, I)
+    const at::Tensor x2 = x.view({B * T, d.I});
     const at::Tensor gates_all = save ? act.narrow(0, 0, total * 4 * n).view({total, 4 * n}) : at::Tensor();
     const at::Tensor c_all = save ? act.narrow(0, B * T * 4 * n, total * n).view({total, n}) : at::Tensor();
-    at::Tensor g = save && same ? gates_all : at::empty({total, 4 * n}, x.options());
-    linear_into(g, xp, w_ih, bias);  // the input GEMM of every step at once
+    // g holds the input pre-activations of steps [s, chunk_end), row r of g = packed row g_base + r.
+    const int64_t g_rows = save ? total : std::min(total, std::max(kLstmInputChunkRows, B));
+    at::Tensor g = save && same ? gates_all : at::empty({g_rows, 4 * n}, x.options());
+    int64_t g_base = 0, chunk_end = 0;
     at::Tensor m_buf = has_proj ? at::empty({B, n}, x.options()) : at::Tensor();
     const double out_clip = has_proj ? 0.0 : proj_clip;  // without projection the clip applies to m = h
     for (int64_t s = 0; s < plan.steps; ++s) {
+      if (s == chunk_end) {  // the input GEMM of the next steps that fit in g (all of them when saving)
+        while (chunk_end < plan.steps && plan.offset[chunk_end + 1] - plan.offset[s] <= g_rows) ++chunk_end;
+        g_base = plan.offset[s];
+        const int64_t rows = plan.offset[chunk_end] - g_base;
+        at::Tensor gc = g.narrow(0, 0, rows);
+        linear_into(gc, x2.index_select(0, plan.pack_index.narrow(0, g_base, rows)), w_ih, bias);
+      }
       const int64_t a = plan.active[s], off = plan.offset[s];
-      at::Tensor z = g.narrow(0, off, a);
+      at::Tensor z = g.narrow(0, off - g_base, a);
       const at::Tensor h_prev = s == 0 ? hbuf.narrow(0, 0, a) : hbuf.narrow(0, B + plan.offset[s - 1], a);
       add_linear_into(z, h_prev, w_hh);
       at::Tensor h = hbuf.narrow(0, B + off, a);
