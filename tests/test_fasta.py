@@ -146,7 +146,9 @@ def test_encoder_chunks_give_the_same_numbers(model, monkeypatch):
         whole = encoder(ids)["token_embedding"]
         monkeypatch.setattr(elmo_module, "ENCODE_CHUNK_ROWS", 64)
         chunked = encoder(ids)["token_embedding"]
-    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    # Row-wise math, so equal up to float rounding: a 64-row chunk may take another GEMM path than
+    # the whole (the CPU GEMM layer's size policy: mm vs packed oneDNN), which rounds differently.
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
 
 
 LONG_SCRIPT = textwrap.dedent("""
