@@ -11,7 +11,7 @@ from elmo_fast import _ops  # noqa: F401  (registers torch.ops.elmo_fast.*)
 __all__ = ["highway", "char_cnn", "lstm_projection"]
 
 _DTYPES = {
-    "cpu": (torch.float32, torch.float64),
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
 

@@ -1,5 +1,5 @@
 // CPU char-CNN forward (spec §4.2 steps 1-3): embedding gather + all widths' convolutions + max over
-// positions + bias + activation -> (N, F), float32 and float64. Only the live windows of each token
+// positions + bias + activation -> (N, F), float32, float64 and bfloat16 (bias and activation in float). Only the live windows of each token
 // are computed (Note [char-CNN padding shortcut]); they are gathered, block by block of tokens, into
 // an im2col buffer (rows, K = w_max * d) and multiplied by the packed (F, K) weight through
 // common/linear.h (Note [char-CNN packed weight]); a masked max per filter group follows.
@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
@@ -33,7 +34,7 @@ constexpr int64_t kBlockTokens = 32;
 // The masked max of one token over its live windows' conv values y (rows, F) and the constant
 // window's values (when it exists), then bias and activation. Writes out (F) and win (F): the
 // winning window's start t (t = L for the constant window).
-template <typename T>
+template <typename T, typename A = at::opmath_type<T>>
 __attribute__((always_inline)) inline void token_max(const T* y, const T* constant, const T* bias, T* out,
                                                      int16_t* win, const CharCnnGroup* groups, int64_t n_groups,
                                                      int64_t L, int64_t C, int64_t F, bool use_tanh) {
@@ -63,10 +64,20 @@ __attribute__((always_inline)) inline void token_max(const T* y, const T* consta
       }
     }
   }
-  for (int64_t f = 0; f < F; ++f) out[f] = char_cnn_activate(out[f] + bias[f], use_tanh);
+  for (int64_t f = 0; f < F; ++f) out[f] = T(char_cnn_activate(A(out[f]) + A(bias[f]), use_tanh));
 }
 
-// float gets ISA clones (Note [CPU multiversioning]); double is for tests.
+// float and bfloat16 get ISA clones (Note [CPU multiversioning]); double is for tests.
+using bf16 = c10::BFloat16;
+EF_CPU_MULTIVERSION void token_max_bf16(const bf16* y, const bf16* constant, const bf16* bias, bf16* out,
+                                        int16_t* win, const CharCnnGroup* groups, int64_t n_groups, int64_t L,
+                                        int64_t C, int64_t F, bool use_tanh) {
+  token_max(y, constant, bias, out, win, groups, n_groups, L, C, F, use_tanh);
+}
+void token_max_any(const bf16* y, const bf16* constant, const bf16* bias, bf16* out, int16_t* win,
+                   const CharCnnGroup* groups, int64_t n_groups, int64_t L, int64_t C, int64_t F, bool use_tanh) {
+  token_max_bf16(y, constant, bias, out, win, groups, n_groups, L, C, F, use_tanh);
+}
 EF_CPU_MULTIVERSION void token_max_f32(const float* y, const float* constant, const float* bias, float* out,
                                        int16_t* win, const CharCnnGroup* groups, int64_t n_groups, int64_t L,
                                        int64_t C, int64_t F, bool use_tanh) {
@@ -177,8 +188,9 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, cons
   const bool use_tanh = char_cnn_use_tanh(activation);
   const CharCnnShape s = check_char_cnn_args(char_ids, embedding, weight);
   check_char_cnn_bias(bias, embedding, s);
-  TORCH_CHECK(embedding.scalar_type() == at::kFloat || embedding.scalar_type() == at::kDouble,
-              "char_cnn on CPU supports float32 and float64, got ", embedding.scalar_type());
+  TORCH_CHECK(embedding.scalar_type() == at::kFloat || embedding.scalar_type() == at::kDouble ||
+                  embedding.scalar_type() == at::kBFloat16,
+              "char_cnn on CPU supports float32, float64 and bfloat16, got ", embedding.scalar_type());
   at::Tensor out = at::empty({s.N, s.F}, embedding.options());
   at::Tensor win = at::empty({save_activations ? s.N : 0, save_activations ? s.F : 0},
                              embedding.options().dtype(at::kShort));
@@ -188,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, cons
   const CharCnnTokens tok = scan_char_cnn_tokens(ids, s.V);
   const at::Tensor packed = pack_char_cnn_weight(weight, s, embedding.scalar_type());
   const at::Tensor bias_cat = at::cat(bias, 0).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(embedding.scalar_type(), "char_cnn_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, embedding.scalar_type(), "char_cnn_cpu", [&] {
     forward_impl<scalar_t>(s, tok, ids, emb, packed, bias_cat, out, win, save_activations, use_tanh);
   });
   return {out, win};
