@@ -44,6 +44,23 @@ def _check_tensor_list(values, name: str) -> list:
     return [_check_tensor(v, f"{name}[{k}]") for k, v in enumerate(values)]
 
 
+def _autocast(device: torch.device, *values):
+    """Under torch.autocast("cpu") the CPU ops run in bfloat16 (their autocast rule in _ops.py casts
+    every floating input but float64, as torch.library.register_autocast does). The same cast is done
+    here first, so that the checks below see the dtypes the op will, e.g. a bf16 activation with
+    float32 weights. values: tensors, None or lists of tensors; returned in the same shape."""
+    if device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return values
+
+    def cast(v):
+        if isinstance(v, torch.Tensor):
+            ok = v.is_floating_point() and v.device.type == "cpu" and v.dtype != torch.float64
+            return v.to(torch.bfloat16) if ok else v
+        return [cast(t) for t in v] if isinstance(v, list) else v
+
+    return tuple(cast(v) for v in values)
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -59,6 +76,7 @@ def highway(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
     biases = _check_tensor_list(biases, "biases")
     if x.dim() != 2:
         raise ValueError(f"x must have shape (N, F), got {tuple(x.shape)}")
+    x, weights, biases = _autocast(x.device, x, weights, biases)
     _check_float_dtype(x, "x")
     if len(weights) != len(biases):
         raise ValueError(f"weights and biases must have one entry per layer, got {len(weights)} and {len(biases)}")
@@ -93,6 +111,7 @@ def char_cnn(char_ids: torch.Tensor, embedding: torch.Tensor, weights: Sequence[
         raise ValueError(f"char_ids must have shape (N, C), got {tuple(char_ids.shape)}")
     if embedding.dim() != 2 or embedding.shape[0] < 1 or embedding.shape[1] < 1:
         raise ValueError(f"embedding must have shape (V, d) with V, d >= 1, got {tuple(embedding.shape)}")
+    embedding, weights, biases = _autocast(embedding.device, embedding, weights, biases)
     _check_float_dtype(embedding, "embedding")
     if char_ids.device != embedding.device:
         raise ValueError(f"char_ids is on {char_ids.device} but embedding is on {embedding.device}; "
@@ -160,6 +179,7 @@ def lstm_projection(x: torch.Tensor, lengths: torch.Tensor, w_ih: torch.Tensor, 
         w_proj = _check_tensor(w_proj, "w_proj")
     if x.dim() != 3:
         raise ValueError(f"x must have shape (B, T, I), got {tuple(x.shape)}")
+    x, w_ih, w_hh, bias, w_proj, h0, c0 = _autocast(x.device, x, w_ih, w_hh, bias, w_proj, h0, c0)
     _check_float_dtype(x, "x")
     b, t, i = x.shape
     if lengths.device.type != "cpu":

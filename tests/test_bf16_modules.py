@@ -88,3 +88,47 @@ def test_nn_lstm_to_bfloat16(proj_size):
     out, _ = lstm(x.bfloat16())
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in lstm.parameters())
+
+
+def test_autocast_cpu_runs_the_ops_in_bfloat16():
+    from elmo_fast import functional as F
+
+    x = torch.randn(5, 8, requires_grad=True)
+    w, b = torch.randn(16, 8, requires_grad=True), torch.randn(16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = F.highway(x, [w], [b])
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()  # the casts are recorded: float32 leaves get float32 gradients
+    assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    with torch.no_grad():
+        want = F.highway(x.bfloat16(), [w.bfloat16()], [b.bfloat16()])
+    assert torch.equal(y.detach(), want)
+
+
+def test_autocast_over_float32_elmo(files):
+    ids = batch_to_ids(SENTENCES)
+    elmo = Elmo(*files, 1, dropout=0.0, stateful=False)  # stateless: the two calls must not share state
+    assert all(p.dtype == torch.float32 for p in elmo.parameters())
+    with torch.no_grad():
+        want = elmo(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = elmo(ids)
+    mask = want["mask"].bool()
+    a, b = want["elmo_representations"][0], got["elmo_representations"][0]
+    assert not torch.equal(a, b.to(a.dtype))  # the ops did run in bf16
+    cos, rel = token_errors(a, b, mask)
+    assert cos.min() >= 0.999 and rel.mean() <= 0.01, (cos.min().item(), rel.mean().item())
+
+
+def test_autocast_over_float32_nn_lstm():
+    torch.manual_seed(1)
+    lstm = elmo_fast.nn.LSTM(16, 32, num_layers=2, bidirectional=True, batch_first=True, proj_size=8)
+    x = torch.randn(2, 5, 16)
+    want, _ = lstm(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, (h, c) = lstm(x)
+    assert got.dtype == h.dtype == c.dtype == torch.bfloat16
+    cos, rel = token_errors(want.reshape(-1, 16), got.reshape(-1, 16), torch.ones(10, dtype=torch.bool))
+    assert cos.min() >= 0.999 and rel.mean() <= 0.01, (cos.min().item(), rel.mean().item())
+    got.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lstm.parameters())
