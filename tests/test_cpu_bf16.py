@@ -180,3 +180,37 @@ def test_char_cnn_bf16_opcheck():
         torch.library.opcheck(OPS.char_cnn.default, (ids, e, w, b, "relu", grad))
     out, win = OPS.char_cnn(ids, emb, ws, bs, "tanh", True)
     torch.library.opcheck(OPS.char_cnn_backward.default, (torch.randn_like(out), ids, emb, ws, out, win, "tanh"))
+
+
+# --- CPUs without native bf16 ----------------------------------------------------------------
+
+def test_native_bf16_detection_reads_cpu_flags():
+    flags = open("/proc/cpuinfo").read().split()
+    assert F._native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags or
+                                ("bf16" in flags and __import__("platform").machine() in ("aarch64", "arm64")))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_without_native_support_works_and_warns_once(monkeypatch, recwarn, native):
+    monkeypatch.setattr(F, "_native_bf16", lambda: native)
+    monkeypatch.setattr(F, "_warned_slow_bf16", False)
+    x, w, b = torch.randn(4, 8, dtype=BF16), torch.randn(16, 8, dtype=BF16), torch.randn(16, dtype=BF16)
+    for _ in range(3):
+        y = F.highway(x, [w], [b])
+    lens = torch.tensor([2])
+    F.lstm_projection(torch.randn(1, 2, 8, dtype=BF16), lens, torch.randn(16, 8, dtype=BF16),
+                      torch.randn(16, 4, dtype=BF16), None, None, torch.zeros(1, 4, dtype=BF16),
+                      torch.zeros(1, 4, dtype=BF16))
+    assert y.dtype == BF16
+    slow = [w for w in recwarn.list if "no native bfloat16" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    F.highway(x.float(), [w.float()], [b.float()])  # float32 never warns
+    assert len([w for w in recwarn.list if "no native bfloat16" in str(w.message)]) == len(slow)
+
+
+def test_bf16_torch_compile_fullgraph():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 16, generator=gen).to(BF16)
+    w, b = (torch.randn(32, 16, generator=gen) / 4).to(BF16), torch.randn(32, generator=gen).to(BF16)
+    compiled = torch.compile(lambda x, w, b: F.highway(x, [w], [b]) * 2, fullgraph=True)
+    assert torch.equal(compiled(x, w, b), F.highway(x, [w], [b]) * 2)
