@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -34,7 +35,7 @@ constexpr int64_t kBlockTokens = 32;
 // The masked max of one token over its live windows' conv values y (rows, F) and the constant
 // window's values (when it exists), then bias and activation. Writes out (F) and win (F): the
 // winning window's start t (t = L for the constant window).
-template <typename T, typename A = at::opmath_type<T>>
+template <typename T>
 __attribute__((always_inline)) inline void token_max(const T* y, const T* constant, const T* bias, T* out,
                                                      int16_t* win, const CharCnnGroup* groups, int64_t n_groups,
                                                      int64_t L, int64_t C, int64_t F, bool use_tanh) {
@@ -64,20 +65,11 @@ __attribute__((always_inline)) inline void token_max(const T* y, const T* consta
       }
     }
   }
-  for (int64_t f = 0; f < F; ++f) out[f] = T(char_cnn_activate(A(out[f]) + A(bias[f]), use_tanh));
+  for (int64_t f = 0; f < F; ++f) out[f] = char_cnn_activate(out[f] + bias[f], use_tanh);
 }
 
-// float and bfloat16 get ISA clones (Note [CPU multiversioning]); double is for tests.
-using bf16 = c10::BFloat16;
-EF_CPU_MULTIVERSION void token_max_bf16(const bf16* y, const bf16* constant, const bf16* bias, bf16* out,
-                                        int16_t* win, const CharCnnGroup* groups, int64_t n_groups, int64_t L,
-                                        int64_t C, int64_t F, bool use_tanh) {
-  token_max(y, constant, bias, out, win, groups, n_groups, L, C, F, use_tanh);
-}
-void token_max_any(const bf16* y, const bf16* constant, const bf16* bias, bf16* out, int16_t* win,
-                   const CharCnnGroup* groups, int64_t n_groups, int64_t L, int64_t C, int64_t F, bool use_tanh) {
-  token_max_bf16(y, constant, bias, out, win, groups, n_groups, L, C, F, use_tanh);
-}
+// float gets ISA clones (Note [CPU multiversioning]); double is for tests. bfloat16 runs the float
+// loop on its GEMM output converted to float (forward_impl).
 EF_CPU_MULTIVERSION void token_max_f32(const float* y, const float* constant, const float* bias, float* out,
                                        int16_t* win, const CharCnnGroup* groups, int64_t n_groups, int64_t L,
                                        int64_t C, int64_t F, bool use_tanh) {
@@ -105,14 +97,17 @@ void fill_window(T* row, const int64_t* ids, const T* emb, int64_t t, int64_t C,
   }
 }
 
-template <typename T>
+// T: storage type; the max, bias and activation run in A = at::opmath_type<T> (float for bfloat16).
+template <typename T, typename A = at::opmath_type<T>>
 void forward_impl(const CharCnnShape& s, const CharCnnTokens& tok, const at::Tensor& ids_t, const at::Tensor& emb_t,
                   const at::Tensor& packed, const at::Tensor& bias_t, at::Tensor& out_t, at::Tensor& win_t,
                   bool save, bool use_tanh) {
   const int64_t N = s.N, C = s.C, d = s.d, F = s.F, K = s.K;
   const int64_t* ids = ids_t.data_ptr<int64_t>();
   const T* emb = emb_t.data_ptr<T>();
-  const T* bias = bias_t.data_ptr<T>();
+  constexpr bool kSame = std::is_same_v<T, A>;
+  const at::Tensor bias_a = bias_t.to(c10::CppTypeToScalarType<A>::value);
+  const A* bias = bias_a.data_ptr<A>();
   T* out = out_t.data_ptr<T>();
   int16_t* win = save ? win_t.data_ptr<int16_t>() : nullptr;
 
@@ -125,11 +120,13 @@ void forward_impl(const CharCnnShape& s, const CharCnnTokens& tok, const at::Ten
   }
   at::Tensor const_y = at::empty({P, F}, emb_t.options());
   if (P > 0) matmul_nt_into(const_y, const_x, packed);
-  const T* constant = const_y.data_ptr<T>();
+  const at::Tensor const_a = const_y.to(c10::CppTypeToScalarType<A>::value);
+  const A* constant = const_a.data_ptr<A>();
 
   const int64_t n_blocks = (N + kBlockTokens - 1) / kBlockTokens;
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int16_t> scratch_win(save ? 0 : F);
+    std::vector<A> scratch_out(kSame ? 0 : F);  // a token's output in A before the store as T
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kBlockTokens, n1 = std::min(N, n0 + kBlockTokens);
       int64_t rows = 0;
@@ -143,13 +140,18 @@ void forward_impl(const CharCnnShape& s, const CharCnnTokens& tok, const at::Ten
         for (int64_t t = 0; t < live; ++t, ++r) fill_window(xp + r * K, ids + n * C, emb, t, C, d, s.w_max);
       }
       if (rows > 0) matmul_nt_into(y, x, packed);
-      const T* yp = y.data_ptr<T>();
+      const at::Tensor y_a = y.to(c10::CppTypeToScalarType<A>::value);  // y itself when T == A
+      const A* yp = y_a.data_ptr<A>();
       r = 0;
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t L = tok.live[n];
         int16_t* wrow = save ? win + n * F : scratch_win.data();
-        token_max_any(yp + r * F, constant + tok.slot[n] * F, bias, out + n * F, wrow, s.groups.data(),
+        A* orow = kSame ? reinterpret_cast<A*>(out + n * F) : scratch_out.data();
+        token_max_any(yp + r * F, constant + tok.slot[n] * F, bias, orow, wrow, s.groups.data(),
                       static_cast<int64_t>(s.groups.size()), L, C, F, use_tanh);
+        if constexpr (!kSame) {
+          for (int64_t f = 0; f < F; ++f) out[n * F + f] = T(orow[f]);
+        }
         r += char_cnn_live_windows(L, C, s.w_min);
       }
     }
