@@ -132,3 +132,18 @@ def test_autocast_over_float32_nn_lstm():
     assert cos.min() >= 0.999 and rel.mean() <= 0.01, (cos.min().item(), rel.mean().item())
     got.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lstm.parameters())
+
+
+def test_autocast_under_torch_compile_fullgraph():
+    torch.manual_seed(2)
+    lstm = elmo_fast.nn.LSTM(16, 32, batch_first=True, proj_size=8)
+    highway = elmo_fast.nn.Highway(16, num_layers=2)
+
+    def f(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lstm(highway(x))[0]
+
+    x = torch.randn(2, 5, 16)
+    got = torch.compile(f, fullgraph=True)(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, f(x))
