@@ -122,3 +122,11 @@ def _char_cnn_backward(ctx, grad_out, _grad_windows):
 
 
 torch.library.register_autograd("elmo_fast::char_cnn", _char_cnn_backward, setup_context=_char_cnn_setup_context)
+
+# --- autocast --------------------------------------------------------------------------------
+# Under torch.autocast("cpu") the forward ops run in bfloat16 (CPU autocast's dtype; the only low
+# precision the CPU ops take): floating inputs, weight lists included, are cast to bf16 (the casts
+# are recorded by autograd, so float32 parameters get float32 gradients) and the outputs are bf16.
+# The backward ops need no rule: autograd calls them with the forward's bf16 tensors.
+for _name in ("highway", "lstm_projection", "char_cnn"):
+    torch.library.register_autocast(f"elmo_fast::{_name}", "cpu", torch.bfloat16)

@@ -2,6 +2,9 @@
 ValueError/TypeError naming the argument) and calls the fused op in torch.ops.elmo_fast.
 elmo_fast.reference holds the same functions in plain PyTorch, as the tests' oracle.
 """
+import functools
+import platform
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -11,7 +14,7 @@ from elmo_fast import _ops  # noqa: F401  (registers torch.ops.elmo_fast.*)
 __all__ = ["highway", "char_cnn", "lstm_projection"]
 
 _DTYPES = {
-    "cpu": (torch.float32, torch.float64),
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
 
@@ -44,6 +47,52 @@ def _check_tensor_list(values, name: str) -> list:
     return [_check_tensor(v, f"{name}[{k}]") for k, v in enumerate(values)]
 
 
+def _autocast(device: torch.device, *values):
+    """Under torch.autocast("cpu") the CPU ops run in bfloat16 (their autocast rule in _ops.py casts
+    every floating input but float64, as torch.library.register_autocast does). The same cast is done
+    here first, so that the checks below see the dtypes the op will, e.g. a bf16 activation with
+    float32 weights. values: tensors, None or lists of tensors; returned in the same shape."""
+    if device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return values
+
+    def cast(v):
+        if isinstance(v, torch.Tensor):
+            ok = v.is_floating_point() and v.device.type == "cpu" and v.dtype != torch.float64
+            return v.to(torch.bfloat16) if ok else v
+        return [cast(t) for t in v] if isinstance(v, list) else v
+
+    return tuple(cast(v) for v in values)
+
+
+@functools.lru_cache(maxsize=None)
+def _native_bf16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively: x86 avx512_bf16 or amx_bf16, Arm bf16
+    (the flags of /proc/cpuinfo). False where the flags cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = set(f.read().split())
+    except OSError:
+        return False
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16" in words
+    return "avx512_bf16" in words or "amx_bf16" in words
+
+
+_warned_slow_bf16 = False
+
+
+def _check_bf16_speed(t: torch.Tensor) -> None:
+    """Warns once per process when bfloat16 runs on a CPU without native bf16: it works (converted to
+    float around every product) but is slower than float32 there."""
+    global _warned_slow_bf16
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or _warned_slow_bf16 or torch.compiler.is_compiling():
+        return
+    if not _native_bf16():
+        _warned_slow_bf16 = True
+        warnings.warn("elmo_fast: this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16 flag); bfloat16 "
+                      "works but will be slow, likely slower than float32", RuntimeWarning, stacklevel=3)
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -59,7 +108,9 @@ def highway(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[t
     biases = _check_tensor_list(biases, "biases")
     if x.dim() != 2:
         raise ValueError(f"x must have shape (N, F), got {tuple(x.shape)}")
+    x, weights, biases = _autocast(x.device, x, weights, biases)
     _check_float_dtype(x, "x")
+    _check_bf16_speed(x)
     if len(weights) != len(biases):
         raise ValueError(f"weights and biases must have one entry per layer, got {len(weights)} and {len(biases)}")
     f = x.shape[1]
@@ -93,7 +144,9 @@ def char_cnn(char_ids: torch.Tensor, embedding: torch.Tensor, weights: Sequence[
         raise ValueError(f"char_ids must have shape (N, C), got {tuple(char_ids.shape)}")
     if embedding.dim() != 2 or embedding.shape[0] < 1 or embedding.shape[1] < 1:
         raise ValueError(f"embedding must have shape (V, d) with V, d >= 1, got {tuple(embedding.shape)}")
+    embedding, weights, biases = _autocast(embedding.device, embedding, weights, biases)
     _check_float_dtype(embedding, "embedding")
+    _check_bf16_speed(embedding)
     if char_ids.device != embedding.device:
         raise ValueError(f"char_ids is on {char_ids.device} but embedding is on {embedding.device}; "
                          "they must be on one device")
@@ -160,7 +213,9 @@ def lstm_projection(x: torch.Tensor, lengths: torch.Tensor, w_ih: torch.Tensor, 
         w_proj = _check_tensor(w_proj, "w_proj")
     if x.dim() != 3:
         raise ValueError(f"x must have shape (B, T, I), got {tuple(x.shape)}")
+    x, w_ih, w_hh, bias, w_proj, h0, c0 = _autocast(x.device, x, w_ih, w_hh, bias, w_proj, h0, c0)
     _check_float_dtype(x, "x")
+    _check_bf16_speed(x)
     b, t, i = x.shape
     if lengths.device.type != "cpu":
         raise ValueError(f"lengths must be a CPU tensor (as for pack_padded_sequence), got one on {lengths.device}")

@@ -168,3 +168,10 @@ def test_torchrun_two_processes_equals_single(model, tmp_path):
     proc = subprocess.run(base + args(model, source, tmp_path / "st.hdf5", "--all"), capture_output=True, text=True,
                           env=env(), cwd=tmp_path, timeout=300)
     assert proc.returncode != 0 and "--stateless or --warm-state" in proc.stderr
+
+
+def test_cli_bfloat16_on_cpu(model, tmp_path, capsys):
+    """elmo-fast embed --dtype bfloat16 runs on the CPU (issue 10); vectors are written as float32."""
+    source = lines_file(tmp_path / "in.txt", 3)
+    assert cli.main(args(model, source, tmp_path / "bf16.hdf5", "--all", "--dtype", "bfloat16")) == 0
+    assert "sentences/s" in capsys.readouterr().err

@@ -178,7 +178,7 @@ class TestHighwayBadInput:
             F.highway(self.x, [self.ws[0].double(), self.ws[1]], self.bs)
 
     def test_integer_dtype(self):
-        with pytest.raises(TypeError, match="x must have dtype float32, float64 on cpu, got int64"):
+        with pytest.raises(TypeError, match="x must have dtype float32, float64, bfloat16 on cpu, got int64"):
             F.highway(self.x.long(), self.ws, self.bs)
 
     def test_half_on_cpu(self):

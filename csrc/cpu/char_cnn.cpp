@@ -1,5 +1,5 @@
 // CPU char-CNN forward (spec §4.2 steps 1-3): embedding gather + all widths' convolutions + max over
-// positions + bias + activation -> (N, F), float32 and float64. Only the live windows of each token
+// positions + bias + activation -> (N, F), float32, float64 and bfloat16 (bias and activation in float). Only the live windows of each token
 // are computed (Note [char-CNN padding shortcut]); they are gathered, block by block of tokens, into
 // an im2col buffer (rows, K = w_max * d) and multiplied by the packed (F, K) weight through
 // common/linear.h (Note [char-CNN packed weight]); a masked max per filter group follows.
@@ -7,9 +7,11 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
@@ -66,7 +68,8 @@ __attribute__((always_inline)) inline void token_max(const T* y, const T* consta
   for (int64_t f = 0; f < F; ++f) out[f] = char_cnn_activate(out[f] + bias[f], use_tanh);
 }
 
-// float gets ISA clones (Note [CPU multiversioning]); double is for tests.
+// float gets ISA clones (Note [CPU multiversioning]); double is for tests. bfloat16 runs the float
+// loop on its GEMM output converted to float (forward_impl).
 EF_CPU_MULTIVERSION void token_max_f32(const float* y, const float* constant, const float* bias, float* out,
                                        int16_t* win, const CharCnnGroup* groups, int64_t n_groups, int64_t L,
                                        int64_t C, int64_t F, bool use_tanh) {
@@ -94,14 +97,17 @@ void fill_window(T* row, const int64_t* ids, const T* emb, int64_t t, int64_t C,
   }
 }
 
-template <typename T>
+// T: storage type; the max, bias and activation run in A = at::opmath_type<T> (float for bfloat16).
+template <typename T, typename A = at::opmath_type<T>>
 void forward_impl(const CharCnnShape& s, const CharCnnTokens& tok, const at::Tensor& ids_t, const at::Tensor& emb_t,
                   const at::Tensor& packed, const at::Tensor& bias_t, at::Tensor& out_t, at::Tensor& win_t,
                   bool save, bool use_tanh) {
   const int64_t N = s.N, C = s.C, d = s.d, F = s.F, K = s.K;
   const int64_t* ids = ids_t.data_ptr<int64_t>();
   const T* emb = emb_t.data_ptr<T>();
-  const T* bias = bias_t.data_ptr<T>();
+  constexpr bool kSame = std::is_same_v<T, A>;
+  const at::Tensor bias_a = bias_t.to(c10::CppTypeToScalarType<A>::value);
+  const A* bias = bias_a.data_ptr<A>();
   T* out = out_t.data_ptr<T>();
   int16_t* win = save ? win_t.data_ptr<int16_t>() : nullptr;
 
@@ -114,11 +120,13 @@ void forward_impl(const CharCnnShape& s, const CharCnnTokens& tok, const at::Ten
   }
   at::Tensor const_y = at::empty({P, F}, emb_t.options());
   if (P > 0) matmul_nt_into(const_y, const_x, packed);
-  const T* constant = const_y.data_ptr<T>();
+  const at::Tensor const_a = const_y.to(c10::CppTypeToScalarType<A>::value);
+  const A* constant = const_a.data_ptr<A>();
 
   const int64_t n_blocks = (N + kBlockTokens - 1) / kBlockTokens;
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int16_t> scratch_win(save ? 0 : F);
+    std::vector<A> scratch_out(kSame ? 0 : F);  // a token's output in A before the store as T
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kBlockTokens, n1 = std::min(N, n0 + kBlockTokens);
       int64_t rows = 0;
@@ -132,13 +140,18 @@ void forward_impl(const CharCnnShape& s, const CharCnnTokens& tok, const at::Ten
         for (int64_t t = 0; t < live; ++t, ++r) fill_window(xp + r * K, ids + n * C, emb, t, C, d, s.w_max);
       }
       if (rows > 0) matmul_nt_into(y, x, packed);
-      const T* yp = y.data_ptr<T>();
+      const at::Tensor y_a = y.to(c10::CppTypeToScalarType<A>::value);  // y itself when T == A
+      const A* yp = y_a.data_ptr<A>();
       r = 0;
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t L = tok.live[n];
         int16_t* wrow = save ? win + n * F : scratch_win.data();
-        token_max_any(yp + r * F, constant + tok.slot[n] * F, bias, out + n * F, wrow, s.groups.data(),
+        A* orow = kSame ? reinterpret_cast<A*>(out + n * F) : scratch_out.data();
+        token_max_any(yp + r * F, constant + tok.slot[n] * F, bias, orow, wrow, s.groups.data(),
                       static_cast<int64_t>(s.groups.size()), L, C, F, use_tanh);
+        if constexpr (!kSame) {
+          for (int64_t f = 0; f < F; ++f) out[n * F + f] = T(orow[f]);
+        }
         r += char_cnn_live_windows(L, C, s.w_min);
       }
     }
@@ -177,8 +190,9 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, cons
   const bool use_tanh = char_cnn_use_tanh(activation);
   const CharCnnShape s = check_char_cnn_args(char_ids, embedding, weight);
   check_char_cnn_bias(bias, embedding, s);
-  TORCH_CHECK(embedding.scalar_type() == at::kFloat || embedding.scalar_type() == at::kDouble,
-              "char_cnn on CPU supports float32 and float64, got ", embedding.scalar_type());
+  TORCH_CHECK(embedding.scalar_type() == at::kFloat || embedding.scalar_type() == at::kDouble ||
+                  embedding.scalar_type() == at::kBFloat16,
+              "char_cnn on CPU supports float32, float64 and bfloat16, got ", embedding.scalar_type());
   at::Tensor out = at::empty({s.N, s.F}, embedding.options());
   at::Tensor win = at::empty({save_activations ? s.N : 0, save_activations ? s.F : 0},
                              embedding.options().dtype(at::kShort));
@@ -188,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, cons
   const CharCnnTokens tok = scan_char_cnn_tokens(ids, s.V);
   const at::Tensor packed = pack_char_cnn_weight(weight, s, embedding.scalar_type());
   const at::Tensor bias_cat = at::cat(bias, 0).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(embedding.scalar_type(), "char_cnn_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, embedding.scalar_type(), "char_cnn_cpu", [&] {
     forward_impl<scalar_t>(s, tok, ids, emb, packed, bias_cat, out, win, save_activations, use_tanh);
   });
   return {out, win};

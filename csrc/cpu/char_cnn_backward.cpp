@@ -4,11 +4,14 @@
 //   grad of the packed weight (F, K): parallel over filters, each summing over tokens in order;
 //   grad of the embedded chars (N, C, d): parallel over tokens, each summing over filters in order;
 //   grad of the embedding (V, d): one serial pass over (token, slot) in order.
+// T is the storage type of the inputs; every gradient is accumulated in A = at::opmath_type<T> (float
+// for bfloat16) and converted to T at the end.
 #include <algorithm>
 #include <tuple>
 #include <vector>
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -25,25 +28,25 @@ namespace {
 // Filters per task of the weight-gradient pass: their (f, K) rows stay in L1 across all tokens.
 constexpr int64_t kGrainFilters = 16;
 
-template <typename T>
-__attribute__((always_inline)) inline void axpy(T* y, const T* x, T a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+template <typename A, typename T>
+__attribute__((always_inline)) inline void axpy(A* y, const T* x, A a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * A(x[i]);
 }
 
 // grad_packed[f, k*d + c] += g[n, f] * emb[ids[n, t+k], c] for filters f0..f1, tokens in order.
-template <typename T>
-__attribute__((always_inline)) inline void weight_grad_filters(const T* g, const int16_t* win, const int64_t* ids,
-                                                               const T* emb, const int64_t* width, T* grad_packed,
-                                                               T* grad_bias, int64_t f0, int64_t f1, int64_t N,
+template <typename T, typename A = at::opmath_type<T>>
+__attribute__((always_inline)) inline void weight_grad_filters(const A* g, const int16_t* win, const int64_t* ids,
+                                                               const T* emb, const int64_t* width, A* grad_packed,
+                                                               A* grad_bias, int64_t f0, int64_t f1, int64_t N,
                                                                int64_t C, int64_t d, int64_t F, int64_t K) {
   for (int64_t n = 0; n < N; ++n) {
-    const T* gn = g + n * F;
+    const A* gn = g + n * F;
     const int16_t* wn = win + n * F;
     const int64_t* idn = ids + n * C;
     for (int64_t f = f0; f < f1; ++f) {
-      const T gv = gn[f];
+      const A gv = gn[f];
       grad_bias[f] += gv;
-      if (gv == T(0)) continue;
+      if (gv == A(0)) continue;
       for (int64_t k = 0; k < width[f]; ++k) axpy(grad_packed + f * K + k * d, emb + idn[wn[f] + k] * d, gv, d);
     }
   }
@@ -51,14 +54,14 @@ __attribute__((always_inline)) inline void weight_grad_filters(const T* g, const
 
 // grad_x[n, t*d .. (t+w)*d) += g[n, f] * packed[f, 0 .. w*d) for tokens n0..n1: the window's
 // embedded chars are contiguous in a token's (C, d) block, as its filter is in the packed row.
-template <typename T>
-__attribute__((always_inline)) inline void input_grad_tokens(const T* g, const int16_t* win, const T* packed,
-                                                             const int64_t* width, T* grad_x, int64_t n0, int64_t n1,
+template <typename T, typename A = at::opmath_type<T>>
+__attribute__((always_inline)) inline void input_grad_tokens(const A* g, const int16_t* win, const T* packed,
+                                                             const int64_t* width, A* grad_x, int64_t n0, int64_t n1,
                                                              int64_t C, int64_t d, int64_t F, int64_t K) {
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t f = 0; f < F; ++f) {
-      const T gv = g[n * F + f];
-      if (gv == T(0)) continue;
+      const A gv = g[n * F + f];
+      if (gv == A(0)) continue;
       axpy(grad_x + (n * C + win[n * F + f]) * d, packed + f * K, gv, width[f] * d);
     }
   }
@@ -89,12 +92,33 @@ void input_grad_tokens_any(const float* g, const int16_t* win, const float* pack
                            int64_t n0, int64_t n1, int64_t C, int64_t d, int64_t F, int64_t K) {
   input_grad_tokens_f32(g, win, packed, width, gx, n0, n1, C, d, F, K);
 }
+using bf16 = c10::BFloat16;
+EF_CPU_MULTIVERSION void weight_grad_filters_bf16(const float* g, const int16_t* win, const int64_t* ids,
+                                                  const bf16* emb, const int64_t* width, float* gp, float* gb,
+                                                  int64_t f0, int64_t f1, int64_t N, int64_t C, int64_t d, int64_t F,
+                                                  int64_t K) {
+  weight_grad_filters(g, win, ids, emb, width, gp, gb, f0, f1, N, C, d, F, K);
+}
+EF_CPU_MULTIVERSION void input_grad_tokens_bf16(const float* g, const int16_t* win, const bf16* packed,
+                                                const int64_t* width, float* gx, int64_t n0, int64_t n1, int64_t C,
+                                                int64_t d, int64_t F, int64_t K) {
+  input_grad_tokens(g, win, packed, width, gx, n0, n1, C, d, F, K);
+}
+void weight_grad_filters_any(const float* g, const int16_t* win, const int64_t* ids, const bf16* emb,
+                             const int64_t* width, float* gp, float* gb, int64_t f0, int64_t f1, int64_t N, int64_t C,
+                             int64_t d, int64_t F, int64_t K) {
+  weight_grad_filters_bf16(g, win, ids, emb, width, gp, gb, f0, f1, N, C, d, F, K);
+}
+void input_grad_tokens_any(const float* g, const int16_t* win, const bf16* packed, const int64_t* width, float* gx,
+                           int64_t n0, int64_t n1, int64_t C, int64_t d, int64_t F, int64_t K) {
+  input_grad_tokens_bf16(g, win, packed, width, gx, n0, n1, C, d, F, K);
+}
 void input_grad_tokens_any(const double* g, const int16_t* win, const double* packed, const int64_t* width,
                            double* gx, int64_t n0, int64_t n1, int64_t C, int64_t d, int64_t F, int64_t K) {
   input_grad_tokens(g, win, packed, width, gx, n0, n1, C, d, F, K);
 }
 
-template <typename T>
+template <typename T, typename A = at::opmath_type<T>>
 void backward_impl(const CharCnnShape& s, const at::Tensor& dy_t, const at::Tensor& out_t, const at::Tensor& win_t,
                    const at::Tensor& ids_t, const at::Tensor& emb_t, const at::Tensor& packed_t, bool use_tanh,
                    at::Tensor& grad_emb_t, at::Tensor& grad_packed_t, at::Tensor& grad_bias_t) {
@@ -107,28 +131,29 @@ void backward_impl(const CharCnnShape& s, const at::Tensor& dy_t, const at::Tens
   const T* packed = packed_t.data_ptr<T>();
 
   // g = dL/d(max + bias) = grad_out * act'(out).
-  at::Tensor g_t = at::empty({N, F}, emb_t.options());
-  T* g = g_t.data_ptr<T>();
+  const auto acc = emb_t.options().dtype(c10::CppTypeToScalarType<A>::value);
+  at::Tensor g_t = at::empty({N, F}, acc);
+  A* g = g_t.data_ptr<A>();
   const T* dy = dy_t.data_ptr<T>();
   const T* out = out_t.data_ptr<T>();
   at::parallel_for(0, N * F, 32768, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) g[i] = dy[i] * char_cnn_activation_grad(out[i], use_tanh);
+    for (int64_t i = i0; i < i1; ++i) g[i] = A(dy[i]) * char_cnn_activation_grad(A(out[i]), use_tanh);
   });
 
-  T* grad_packed = grad_packed_t.data_ptr<T>();
-  T* grad_bias = grad_bias_t.data_ptr<T>();
+  A* grad_packed = grad_packed_t.data_ptr<A>();
+  A* grad_bias = grad_bias_t.data_ptr<A>();
   at::parallel_for(0, F, kGrainFilters, [&](int64_t f0, int64_t f1) {
     weight_grad_filters_any(g, win, ids, emb, width.data(), grad_packed, grad_bias, f0, f1, N, C, d, F, K);
   });
 
-  at::Tensor grad_x_t = at::zeros({N, C, d}, emb_t.options());
-  T* grad_x = grad_x_t.data_ptr<T>();
+  at::Tensor grad_x_t = at::zeros({N, C, d}, acc);
+  A* grad_x = grad_x_t.data_ptr<A>();
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
     input_grad_tokens_any(g, win, packed, width.data(), grad_x, n0, n1, C, d, F, K);
   });
 
-  T* grad_emb = grad_emb_t.data_ptr<T>();
-  for (int64_t i = 0; i < N * C; ++i) axpy(grad_emb + ids[i] * d, grad_x + i * d, T(1), d);
+  A* grad_emb = grad_emb_t.data_ptr<A>();
+  for (int64_t i = 0; i < N * C; ++i) axpy(grad_emb + ids[i] * d, grad_x + i * d, A(1), d);
 }
 
 }  // namespace
@@ -138,8 +163,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> char_cn
     const at::Tensor& out, const at::Tensor& windows, c10::string_view activation) {
   const bool use_tanh = char_cnn_use_tanh(activation);
   const CharCnnShape s = check_char_cnn_args(char_ids, embedding, weight);
-  TORCH_CHECK(embedding.scalar_type() == at::kFloat || embedding.scalar_type() == at::kDouble,
-              "char_cnn_backward on CPU supports float32 and float64, got ", embedding.scalar_type());
+  TORCH_CHECK(embedding.scalar_type() == at::kFloat || embedding.scalar_type() == at::kDouble ||
+                  embedding.scalar_type() == at::kBFloat16,
+              "char_cnn_backward on CPU supports float32, float64 and bfloat16, got ", embedding.scalar_type());
   check_shape(grad_out, {s.N, s.F}, "char_cnn_backward: grad_out");
   check_same_device_dtype(grad_out, embedding, "char_cnn_backward: grad_out");
   check_shape(out, {s.N, s.F}, "char_cnn_backward: out");
@@ -148,9 +174,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> char_cn
   TORCH_CHECK(s.N * s.F == 0 || windows.sizes() == out.sizes(),
               "char_cnn_backward: the forward did not save its windows (save_activations=False)");
 
-  at::Tensor grad_emb = at::zeros({s.V, s.d}, embedding.options());
-  at::Tensor grad_packed = at::zeros({s.F, s.K}, embedding.options());
-  at::Tensor grad_bias = at::zeros({s.F}, embedding.options());
+  // Accumulated in the arithmetic type (float for bfloat16), converted to the storage type below.
+  const auto acc = embedding.options().dtype(at::toOpMathType(embedding.scalar_type()));
+  at::Tensor grad_emb = at::zeros({s.V, s.d}, acc);
+  at::Tensor grad_packed = at::zeros({s.F, s.K}, acc);
+  at::Tensor grad_bias = at::zeros({s.F}, acc);
   if (s.N > 0 && s.F > 0) {
     const at::Tensor ids = char_ids.contiguous();
     scan_char_cnn_tokens(ids, s.V);  // the id check: the gathers below trust the ids
@@ -165,7 +193,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> char_cn
       }
     }
     const at::Tensor packed = pack_char_cnn_weight(weight, s, embedding.scalar_type());
-    AT_DISPATCH_FLOATING_TYPES(embedding.scalar_type(), "char_cnn_backward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, embedding.scalar_type(), "char_cnn_backward_cpu", [&] {
       backward_impl<scalar_t>(s, grad_out.contiguous(), out.contiguous(), win, ids, embedding.contiguous(), packed,
                               use_tanh, grad_emb, grad_packed, grad_bias);
     });
@@ -173,8 +201,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> char_cn
   std::vector<at::Tensor> grad_weight = unpack_char_cnn_weight(grad_packed, s, embedding.scalar_type());
   std::vector<at::Tensor> grad_b;
   // clone: the op's outputs must not alias each other.
-  for (const CharCnnGroup& g : s.groups) grad_b.push_back(grad_bias.narrow(0, g.f0, g.m).clone());
-  return {grad_emb, grad_weight, grad_b};
+  for (const CharCnnGroup& g : s.groups) {
+    grad_b.push_back(grad_bias.narrow(0, g.f0, g.m).to(embedding.scalar_type()).clone());
+  }
+  return {grad_emb.to(embedding.scalar_type()), grad_weight, grad_b};
 }
 
 }  // namespace elmo_fast

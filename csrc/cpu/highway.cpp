@@ -1,9 +1,11 @@
 // CPU highway op: GEMMs through common/linear.h, one fused pointwise pass per layer over rows in
-// parallel (at::parallel_for, so torch.set_num_threads governs it). float32 and float64.
+// parallel (at::parallel_for, so torch.set_num_threads governs it). float32, float64 and bfloat16
+// (loads bf16, computes in float, stores bf16; GEMMs accumulate in float inside the GEMM layer).
 #include <tuple>
 #include <vector>
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
@@ -17,7 +19,8 @@ namespace {
 // Rows per parallel task: enough work (>= ~32k elements) to amortise a task's start.
 int64_t grain_rows(int64_t F) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(F, 1)); }
 
-template <typename T>
+// T is the storage type, A = at::opmath_type<T> the arithmetic type (float for bfloat16).
+template <typename T, typename A = at::opmath_type<T>>
 __attribute__((always_inline)) inline void forward_rows(T* proj, const T* x, T* y, int64_t r0, int64_t r1,
                                                         int64_t F, bool save) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -27,17 +30,17 @@ __attribute__((always_inline)) inline void forward_rows(T* proj, const T* x, T* 
     // y may alias x, but only element f reads x[f] and writes y[f]: no loop-carried dependence.
 #pragma GCC ivdep
     for (int64_t f = 0; f < F; ++f) {
-      T h, g;
-      yr[f] = highway_point_forward(p[f], p[F + f], xr[f], &h, &g);
+      A h, g;
+      yr[f] = T(highway_point_forward(A(p[f]), A(p[F + f]), A(xr[f]), &h, &g));
       if (save) {
-        p[f] = h;
-        p[F + f] = g;
+        p[f] = T(h);
+        p[F + f] = T(g);
       }
     }
   }
 }
 
-template <typename T>
+template <typename T, typename A = at::opmath_type<T>>
 __attribute__((always_inline)) inline void mix_rows(const T* act, const T* x, T* y, int64_t r0, int64_t r1,
                                                     int64_t F) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -45,11 +48,11 @@ __attribute__((always_inline)) inline void mix_rows(const T* act, const T* x, T*
     const T* xr = x + r * F;
     T* yr = y + r * F;
 #pragma GCC ivdep
-    for (int64_t f = 0; f < F; ++f) yr[f] = highway_mix(xr[f], a[f], a[F + f]);
+    for (int64_t f = 0; f < F; ++f) yr[f] = T(highway_mix(A(xr[f]), A(a[f]), A(a[F + f])));
   }
 }
 
-template <typename T>
+template <typename T, typename A = at::opmath_type<T>>
 __attribute__((always_inline)) inline void backward_rows(const T* dy, const T* x, const T* act, T* d_proj, T* dx,
                                                          int64_t r0, int64_t r1, int64_t F) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -60,11 +63,39 @@ __attribute__((always_inline)) inline void backward_rows(const T* dy, const T* x
     T* dxr = dx + r * F;
     // dx may alias dy element-wise (same index only).
 #pragma GCC ivdep
-    for (int64_t f = 0; f < F; ++f) highway_point_backward(dyr[f], xr[f], a[f], a[F + f], &dp[f], &dp[F + f], &dxr[f]);
+    for (int64_t f = 0; f < F; ++f) {
+      A dn, dg, dd;
+      highway_point_backward(A(dyr[f]), A(xr[f]), A(a[f]), A(a[F + f]), &dn, &dg, &dd);
+      dp[f] = T(dn);
+      dp[F + f] = T(dg);
+      dxr[f] = T(dd);
+    }
   }
 }
 
-// float gets ISA clones (Note [CPU multiversioning]); double is for tests and stays generic.
+// float and bfloat16 get ISA clones (Note [CPU multiversioning]); double is for tests and stays generic.
+using bf16 = c10::BFloat16;
+EF_CPU_MULTIVERSION void forward_rows_bf16(bf16* p, const bf16* x, bf16* y, int64_t r0, int64_t r1, int64_t F,
+                                           bool save) {
+  forward_rows(p, x, y, r0, r1, F, save);
+}
+EF_CPU_MULTIVERSION void mix_rows_bf16(const bf16* a, const bf16* x, bf16* y, int64_t r0, int64_t r1, int64_t F) {
+  mix_rows(a, x, y, r0, r1, F);
+}
+EF_CPU_MULTIVERSION void backward_rows_bf16(const bf16* dy, const bf16* x, const bf16* a, bf16* dp, bf16* dx,
+                                            int64_t r0, int64_t r1, int64_t F) {
+  backward_rows(dy, x, a, dp, dx, r0, r1, F);
+}
+void forward_rows_any(bf16* p, const bf16* x, bf16* y, int64_t r0, int64_t r1, int64_t F, bool save) {
+  forward_rows_bf16(p, x, y, r0, r1, F, save);
+}
+void mix_rows_any(const bf16* a, const bf16* x, bf16* y, int64_t r0, int64_t r1, int64_t F) {
+  mix_rows_bf16(a, x, y, r0, r1, F);
+}
+void backward_rows_any(const bf16* dy, const bf16* x, const bf16* a, bf16* dp, bf16* dx, int64_t r0, int64_t r1,
+                       int64_t F) {
+  backward_rows_bf16(dy, x, a, dp, dx, r0, r1, F);
+}
 EF_CPU_MULTIVERSION void forward_rows_f32(float* p, const float* x, float* y, int64_t r0, int64_t r1, int64_t F,
                                           bool save) {
   forward_rows(p, x, y, r0, r1, F, save);
@@ -100,7 +131,7 @@ void backward_rows_any(const double* dy, const double* x, const double* a, doubl
 struct CpuHighwayPointwise {
   void forward(at::Tensor& proj, const at::Tensor& x, at::Tensor& y, bool save) const {
     const int64_t N = x.size(0), F = x.size(1);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "highway_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "highway_cpu", [&] {
       scalar_t* p = proj.data_ptr<scalar_t>();
       const scalar_t* xp = x.data_ptr<scalar_t>();
       scalar_t* yp = y.data_ptr<scalar_t>();
@@ -110,7 +141,7 @@ struct CpuHighwayPointwise {
   }
   void mix(const at::Tensor& act, const at::Tensor& x, at::Tensor& y) const {
     const int64_t N = x.size(0), F = x.size(1);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "highway_mix_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "highway_mix_cpu", [&] {
       const scalar_t* a = act.data_ptr<scalar_t>();
       const scalar_t* xp = x.data_ptr<scalar_t>();
       scalar_t* yp = y.data_ptr<scalar_t>();
@@ -120,7 +151,7 @@ struct CpuHighwayPointwise {
   void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& act, at::Tensor& d_proj,
                 at::Tensor& dx) const {
     const int64_t N = x.size(0), F = x.size(1);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "highway_backward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "highway_backward_cpu", [&] {
       const scalar_t* dyp = dy.data_ptr<scalar_t>();
       const scalar_t* xp = x.data_ptr<scalar_t>();
       const scalar_t* a = act.data_ptr<scalar_t>();
@@ -133,8 +164,8 @@ struct CpuHighwayPointwise {
 };
 
 void check_cpu_dtype(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "highway on CPU supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
+              "highway on CPU supports float32, float64 and bfloat16, got ", x.scalar_type());
 }
 
 }  // namespace

@@ -1,10 +1,12 @@
 // CPU lstm_projection op: the time loops of common/lstm_driver.h with vectorized pointwise passes
 // (elmo_fast/lstm_math.h) over the active rows, in parallel over rows (at::parallel_for, so
-// torch.set_num_threads governs it). float32 and float64; storage and arithmetic types coincide.
+// torch.set_num_threads governs it). float32, float64 and bfloat16 (bf16 z/h/m storage, float gates,
+// cell state and arithmetic).
 #include <optional>
 #include <tuple>
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
@@ -23,22 +25,24 @@ T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-// Rows [r0, r1) of a step. gates may alias z and m may alias nothing else; element u of a row only
+// Rows [r0, r1) of a step. T is the storage type of z and m, A = at::opmath_type<T> the arithmetic
+// type of the gates and the cell state (float for bfloat16: load T, compute float, store T).
+// gates may alias z (only when T == A) and m may alias nothing else; element u of a row only
 // touches index u of each block, so there is no loop-carried dependence.
-template <typename T, bool kSave>
-__attribute__((always_inline)) inline void forward_rows(const T* z, T* gates, T* c, T* c_save, T* m, int64_t r0,
-                                                        int64_t r1, int64_t n, T cell_clip, T out_clip) {
+template <typename T, bool kSave, typename A = at::opmath_type<T>>
+__attribute__((always_inline)) inline void forward_rows(const T* z, A* gates, A* c, A* c_save, T* m, int64_t r0,
+                                                        int64_t r1, int64_t n, A cell_clip, A out_clip) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* zr = z + r * 4 * n;
-    T* gr = kSave ? gates + r * 4 * n : nullptr;
-    T* cr = c + r * n;
-    T* sr = kSave ? c_save + r * n : nullptr;
+    A* gr = kSave ? gates + r * 4 * n : nullptr;
+    A* cr = c + r * n;
+    A* sr = kSave ? c_save + r * n : nullptr;
     T* mr = m + r * n;
 #pragma GCC ivdep
     for (int64_t u = 0; u < n; ++u) {
-      T gi, gf, gj, go, cu = cr[u];
-      mr[u] = lstm_point_forward(zr[u], zr[n + u], zr[2 * n + u], zr[3 * n + u], &cu, cell_clip, out_clip, &gi, &gf,
-                                 &gj, &go);
+      A gi, gf, gj, go, cu = cr[u];
+      mr[u] = T(lstm_point_forward(A(zr[u]), A(zr[n + u]), A(zr[2 * n + u]), A(zr[3 * n + u]), &cu, cell_clip,
+                                   out_clip, &gi, &gf, &gj, &go));
       cr[u] = cu;
       if (kSave) {
         gr[u] = gi;
@@ -51,10 +55,10 @@ __attribute__((always_inline)) inline void forward_rows(const T* z, T* gates, T*
   }
 }
 
-template <typename T>
-__attribute__((always_inline)) inline void forward_rows_any_save(const T* z, T* gates, T* c, T* c_save, T* m,
-                                                                 int64_t r0, int64_t r1, int64_t n, T cell_clip,
-                                                                 T out_clip) {
+template <typename T, typename A>
+__attribute__((always_inline)) inline void forward_rows_any_save(const T* z, A* gates, A* c, A* c_save, T* m,
+                                                                 int64_t r0, int64_t r1, int64_t n, A cell_clip,
+                                                                 A out_clip) {
   if (gates != nullptr) {
     forward_rows<T, true>(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
   } else {
@@ -62,38 +66,39 @@ __attribute__((always_inline)) inline void forward_rows_any_save(const T* z, T* 
   }
 }
 
-// dz may alias gates and m may alias c (same element only).
-template <typename T, bool kHasM>
-__attribute__((always_inline)) inline void backward_rows(const T* dm, const T* gates, const T* c, const T* c_prev,
-                                                         T* dc, T* dz, T* m, int64_t r0, int64_t r1, int64_t n,
-                                                         T cell_clip) {
+// dz may alias gates and m may alias c (same element only, and only when T == A). dm, dz, m are
+// storage type T; gates, c, c_prev, dc arithmetic type A.
+template <typename T, bool kHasM, typename A = at::opmath_type<T>>
+__attribute__((always_inline)) inline void backward_rows(const T* dm, const A* gates, const A* c, const A* c_prev,
+                                                         A* dc, T* dz, T* m, int64_t r0, int64_t r1, int64_t n,
+                                                         A cell_clip) {
   for (int64_t r = r0; r < r1; ++r) {
-    const T* g = gates + r * 4 * n;
+    const A* g = gates + r * 4 * n;
     const T* dmr = dm + r * n;
-    const T* cr = c + r * n;
-    const T* pr = c_prev + r * n;
-    T* dcr = dc + r * n;
+    const A* cr = c + r * n;
+    const A* pr = c_prev + r * n;
+    A* dcr = dc + r * n;
     T* dzr = dz + r * 4 * n;
     T* mr = kHasM ? m + r * n : nullptr;
 #pragma GCC ivdep
     for (int64_t u = 0; u < n; ++u) {
-      T dzi, dzf, dzj, dzo, dcu = dcr[u];
-      const T mu = lstm_point_backward(dmr[u], &dcu, g[u], g[n + u], g[2 * n + u], g[3 * n + u], cr[u], pr[u],
+      A dzi, dzf, dzj, dzo, dcu = dcr[u];
+      const A mu = lstm_point_backward(A(dmr[u]), &dcu, g[u], g[n + u], g[2 * n + u], g[3 * n + u], cr[u], pr[u],
                                        cell_clip, &dzi, &dzf, &dzj, &dzo);
       dcr[u] = dcu;
-      dzr[u] = dzi;
-      dzr[n + u] = dzf;
-      dzr[2 * n + u] = dzj;
-      dzr[3 * n + u] = dzo;
-      if (kHasM) mr[u] = mu;
+      dzr[u] = T(dzi);
+      dzr[n + u] = T(dzf);
+      dzr[2 * n + u] = T(dzj);
+      dzr[3 * n + u] = T(dzo);
+      if (kHasM) mr[u] = T(mu);
     }
   }
 }
 
-template <typename T>
-__attribute__((always_inline)) inline void backward_rows_any_m(const T* dm, const T* gates, const T* c,
-                                                               const T* c_prev, T* dc, T* dz, T* m, int64_t r0,
-                                                               int64_t r1, int64_t n, T cell_clip) {
+template <typename T, typename A>
+__attribute__((always_inline)) inline void backward_rows_any_m(const T* dm, const A* gates, const A* c,
+                                                               const A* c_prev, A* dc, T* dz, T* m, int64_t r0,
+                                                               int64_t r1, int64_t n, A cell_clip) {
   if (m != nullptr) {
     backward_rows<T, true>(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
   } else {
@@ -101,9 +106,14 @@ __attribute__((always_inline)) inline void backward_rows_any_m(const T* dm, cons
   }
 }
 
-// float gets ISA clones (Note [CPU multiversioning]); double is for tests and stays generic.
+// float and bfloat16 get ISA clones (Note [CPU multiversioning]); double is for tests and stays generic.
+using bf16 = c10::BFloat16;
 EF_CPU_MULTIVERSION void forward_rows_f32(const float* z, float* gates, float* c, float* c_save, float* m, int64_t r0,
                                           int64_t r1, int64_t n, float cell_clip, float out_clip) {
+  forward_rows_any_save(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
+}
+EF_CPU_MULTIVERSION void forward_rows_bf16(const bf16* z, float* gates, float* c, float* c_save, bf16* m, int64_t r0,
+                                           int64_t r1, int64_t n, float cell_clip, float out_clip) {
   forward_rows_any_save(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
 }
 EF_CPU_MULTIVERSION void backward_rows_f32(const float* dm, const float* gates, const float* c, const float* c_prev,
@@ -111,9 +121,18 @@ EF_CPU_MULTIVERSION void backward_rows_f32(const float* dm, const float* gates, 
                                            float cell_clip) {
   backward_rows_any_m(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
 }
+EF_CPU_MULTIVERSION void backward_rows_bf16(const bf16* dm, const float* gates, const float* c, const float* c_prev,
+                                            float* dc, bf16* dz, bf16* m, int64_t r0, int64_t r1, int64_t n,
+                                            float cell_clip) {
+  backward_rows_any_m(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
+}
 void forward_rows_dispatch(const float* z, float* gates, float* c, float* c_save, float* m, int64_t r0, int64_t r1,
                            int64_t n, float cell_clip, float out_clip) {
   forward_rows_f32(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
+}
+void forward_rows_dispatch(const bf16* z, float* gates, float* c, float* c_save, bf16* m, int64_t r0, int64_t r1,
+                           int64_t n, float cell_clip, float out_clip) {
+  forward_rows_bf16(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
 }
 void forward_rows_dispatch(const double* z, double* gates, double* c, double* c_save, double* m, int64_t r0,
                            int64_t r1, int64_t n, double cell_clip, double out_clip) {
@@ -122,6 +141,10 @@ void forward_rows_dispatch(const double* z, double* gates, double* c, double* c_
 void backward_rows_dispatch(const float* dm, const float* gates, const float* c, const float* c_prev, float* dc,
                             float* dz, float* m, int64_t r0, int64_t r1, int64_t n, float cell_clip) {
   backward_rows_f32(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
+}
+void backward_rows_dispatch(const bf16* dm, const float* gates, const float* c, const float* c_prev, float* dc,
+                            bf16* dz, bf16* m, int64_t r0, int64_t r1, int64_t n, float cell_clip) {
+  backward_rows_bf16(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
 }
 void backward_rows_dispatch(const double* dm, const double* gates, const double* c, const double* c_prev, double* dc,
                             double* dz, double* m, int64_t r0, int64_t r1, int64_t n, double cell_clip) {
@@ -132,34 +155,40 @@ struct CpuLstmPointwise {
   void forward(const at::Tensor& z, const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_save,
                const at::Tensor& m, double cell_clip, double out_clip) const {
     const int64_t rows = c.size(0), n = c.size(1);
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "lstm_projection_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "lstm_projection_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* zp = z.data_ptr<scalar_t>();
-      scalar_t *gp = ptr_or_null<scalar_t>(gates), *cp = c.data_ptr<scalar_t>(),
-               *sp = ptr_or_null<scalar_t>(c_save), *mp = m.data_ptr<scalar_t>();
+      acc_t *gp = ptr_or_null<acc_t>(gates), *cp = c.data_ptr<acc_t>(), *sp = ptr_or_null<acc_t>(c_save);
+      scalar_t* mp = m.data_ptr<scalar_t>();
       at::parallel_for(0, rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
-        forward_rows_dispatch(zp, gp, cp, sp, mp, r0, r1, n, static_cast<scalar_t>(cell_clip),
-                              static_cast<scalar_t>(out_clip));
+        forward_rows_dispatch(zp, gp, cp, sp, mp, r0, r1, n, static_cast<acc_t>(cell_clip),
+                              static_cast<acc_t>(out_clip));
       });
     });
   }
 
   void clip(const at::Tensor& h, double limit) const {
-    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "lstm_projection_clip_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "lstm_projection_clip_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
       scalar_t* hp = h.data_ptr<scalar_t>();
-      const scalar_t lim = static_cast<scalar_t>(limit);
+      const acc_t lim = static_cast<acc_t>(limit);
       at::parallel_for(0, h.numel(), 65536, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) hp[i] = ef_clip(hp[i], lim);
+        for (int64_t i = i0; i < i1; ++i) hp[i] = static_cast<scalar_t>(ef_clip(static_cast<acc_t>(hp[i]), lim));
       });
     });
   }
 
   void proj_backward(const at::Tensor& dh_future, const at::Tensor& d, const at::Tensor& h, double proj_clip) const {
-    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "lstm_projection_backward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, h.scalar_type(), "lstm_projection_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
       const scalar_t *fp = dh_future.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>();
       scalar_t* dp = d.data_ptr<scalar_t>();
-      const scalar_t lim = static_cast<scalar_t>(proj_clip);
+      const acc_t lim = static_cast<acc_t>(proj_clip);
       at::parallel_for(0, h.numel(), 65536, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) dp[i] = lstm_proj_backward(fp[i], dp[i], hp[i], lim);
+        for (int64_t i = i0; i < i1; ++i) {
+          dp[i] = static_cast<scalar_t>(lstm_proj_backward(static_cast<acc_t>(fp[i]), static_cast<acc_t>(dp[i]),
+                                                           static_cast<acc_t>(hp[i]), lim));
+        }
       });
     });
   }
@@ -167,20 +196,22 @@ struct CpuLstmPointwise {
   void backward(const at::Tensor& dm, const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_prev,
                 const at::Tensor& dc, const at::Tensor& dz, const at::Tensor& m, double cell_clip) const {
     const int64_t rows = c.size(0), n = c.size(1);
-    AT_DISPATCH_FLOATING_TYPES(dm.scalar_type(), "lstm_projection_backward_cpu", [&] {
-      const scalar_t *dmp = dm.data_ptr<scalar_t>(), *gp = gates.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>(),
-                     *pp = c_prev.data_ptr<scalar_t>();
-      scalar_t *dcp = dc.data_ptr<scalar_t>(), *dzp = dz.data_ptr<scalar_t>(), *mp = ptr_or_null<scalar_t>(m);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dm.scalar_type(), "lstm_projection_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* dmp = dm.data_ptr<scalar_t>();
+      const acc_t *gp = gates.data_ptr<acc_t>(), *cp = c.data_ptr<acc_t>(), *pp = c_prev.data_ptr<acc_t>();
+      acc_t* dcp = dc.data_ptr<acc_t>();
+      scalar_t *dzp = dz.data_ptr<scalar_t>(), *mp = ptr_or_null<scalar_t>(m);
       at::parallel_for(0, rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
-        backward_rows_dispatch(dmp, gp, cp, pp, dcp, dzp, mp, r0, r1, n, static_cast<scalar_t>(cell_clip));
+        backward_rows_dispatch(dmp, gp, cp, pp, dcp, dzp, mp, r0, r1, n, static_cast<acc_t>(cell_clip));
       });
     });
   }
 };
 
 void check_cpu_dtype(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "lstm_projection on CPU supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
+              "lstm_projection on CPU supports float32, float64 and bfloat16, got ", x.scalar_type());
 }
 
 }  // namespace
