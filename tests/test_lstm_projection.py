@@ -4,6 +4,7 @@ import torch
 
 from elmo_fast import functional as F
 from elmo_fast import reference as R
+from util import assert_close_verbose
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LOW_PRECISION = [torch.float16, torch.bfloat16]
@@ -13,15 +14,6 @@ TOL = {
     torch.float64: dict(rtol=1e-9, atol=1e-10),
     torch.float32: dict(rtol=1e-4, atol=1e-5),
 }
-
-
-def assert_close_verbose(actual, expected, name="", **tol):
-    if actual.numel():
-        diff = (actual.double() - expected.double()).abs()
-        detail = f"{name}: max |diff| {diff.max().item():.3e}, mean {diff.mean().item():.3e}"
-    else:
-        detail = f"{name}: empty"
-    torch.testing.assert_close(actual, expected, msg=lambda m: f"{detail}\n{m}", **tol)
 
 
 def noncontiguous(t):
