@@ -4,7 +4,7 @@ rows of one group: `pytest bench/ --benchmark-group-by=param:op,param:mode,param
 import pytest
 import torch
 
-from conftest import MODEL
+from conftest import DEVICE, DTYPE, MODEL
 from elmo_fast import benchmark
 
 SHAPES = [(1, 20), (16, 20)]
@@ -25,6 +25,11 @@ def _cells():
 @pytest.mark.parametrize("op,mode,shape,impl", list(_cells()))
 def test_bench(benchmark_fixture, op, mode, shape, impl):
     batch, words = map(int, shape.split("x"))
-    tokens, impls = benchmark.CASES[op](MODEL, batch, words, torch.float32, mode == "forward+backward")
-    benchmark_fixture.extra_info.update(tokens=tokens, model=MODEL)
-    benchmark_fixture.pedantic(impls[impl], rounds=3, warmup_rounds=1)
+    tokens, impls = benchmark.CASES[op](MODEL, batch, words, DTYPE, mode == "forward+backward")
+    benchmark_fixture.extra_info.update(tokens=tokens, model=MODEL, device=DEVICE, dtype=str(DTYPE))
+    run = impls[impl]
+    if DEVICE.startswith("cuda"):
+        def run(fn=impls[impl]):  # time the kernels, not their launches
+            fn()
+            torch.cuda.synchronize()
+    benchmark_fixture.pedantic(run, rounds=3, warmup_rounds=1)

@@ -79,14 +79,35 @@ def gemm_peak_gflops(threads: int, dtype: torch.dtype = torch.float32, repeats: 
         torch.set_num_threads(saved)
 
 
-def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() over `repeats` calls after `warmup` calls."""
+# Dense tensor-core peaks from NVIDIA's spec sheets (SXM parts), TFLOP/s: the % of peak of a GPU
+# row is against these, not a measurement. float32 is the non-tensor-core FP32 rate.
+GPU_PEAK_TFLOPS = {
+    "H100": {torch.float32: 67.0, torch.bfloat16: 989.0, torch.float16: 989.0},
+    "H200": {torch.float32: 67.0, torch.bfloat16: 989.0, torch.float16: 989.0},
+    "A100": {torch.float32: 19.5, torch.bfloat16: 312.0, torch.float16: 312.0},
+}
+
+
+def gpu_peak_gflops(device: str, dtype: torch.dtype) -> float:
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, peaks in GPU_PEAK_TFLOPS.items():
+        if key in name and dtype in peaks:
+            return peaks[dtype] * 1e3
+    return float("nan")
+
+
+def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:
+    """Median wall time of fn() over `repeats` calls after `warmup` calls (CUDA: synchronized
+    before and after each call, so the time covers the kernels, not just their launches)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -102,8 +123,13 @@ def _grad_runner(fn, inputs, backward):
     return run
 
 
+# The device every case builds its tensors on; run() sets it for the duration of a run.
+_DEVICE = ["cpu"]
+
+
 def _leaves(tensors, dtype, backward):
-    return [t.to(dtype).requires_grad_(backward) for t in tensors]
+    # copy=True: never flag or alter the cached model state of bench_data
+    return [t.to(device=_DEVICE[0], dtype=dtype, copy=True).requires_grad_(backward) for t in tensors]
 
 
 def _highway_case(model: str, batch: int, words: int, dtype: torch.dtype, backward: bool):
@@ -129,7 +155,7 @@ def _char_ids(batch: int, words: int, text: str) -> torch.Tensor:
 
 def _char_cnn_case(model: str, batch: int, words: int, dtype: torch.dtype, backward: bool, text: str = "english"):
     options, state = bench_data.model_state(model)
-    ids = _char_ids(batch, words, text).reshape(-1, 50)
+    ids = _char_ids(batch, words, text).reshape(-1, 50).to(_DEVICE[0])
     filters = options["char_cnn"]["filters"]
     emb, *params = _leaves([state["_token_embedder._char_embedding_weights"]]
                            + [state[f"_token_embedder.char_conv_{i}.weight"] for i in range(len(filters))]
@@ -154,9 +180,9 @@ def _lstm_case(model: str, batch: int, words: int, dtype: torch.dtype, backward:
                                           torch.randn(4 * n, generator=gen) * 0.1,
                                           torch.randn(p, n, generator=gen) / n**0.5], dtype, backward)
     lengths = torch.full((batch,), steps, dtype=torch.long)
-    h0, c0 = torch.zeros(batch, p, dtype=dtype), torch.zeros(batch, n, dtype=dtype)
+    h0, c0 = (torch.zeros(batch, size, dtype=dtype, device=_DEVICE[0]) for size in (p, n))
     inputs = [x, w_ih, w_hh, bias, w_proj]
-    native = torch.nn.LSTM(p, n, proj_size=p, batch_first=True).to(dtype)
+    native = torch.nn.LSTM(p, n, proj_size=p, batch_first=True).to(device=_DEVICE[0], dtype=dtype)
     with torch.no_grad():  # same weights; torch has no clips, so the clips are off for all three
         native.weight_ih_l0.copy_(w_ih)
         native.weight_hh_l0.copy_(w_hh)
@@ -178,9 +204,11 @@ def _elmo_case(model: str, batch: int, words: int, dtype: torch.dtype, backward:
 
     options, state = bench_data.model_state(model)
     sentences = (bench_data.english_sentences if text == "english" else bench_data.random_sentences)(batch, words)
-    ids = batch_to_ids(sentences)
-    module = ElmoBiLm(*bench_data.model_files(model), requires_grad=backward, stateful=False).to(dtype)
-    ref_state = {k: v.to(dtype).requires_grad_(backward) for k, v in state.items()}
+    ids = batch_to_ids(sentences).to(_DEVICE[0])
+    module = ElmoBiLm(*bench_data.model_files(model), requires_grad=backward, stateful=False).to(
+        device=_DEVICE[0], dtype=dtype)
+    ref_state = {k: v.to(device=_DEVICE[0], dtype=dtype, copy=True).requires_grad_(backward)
+                 for k, v in state.items()}
     fast_inputs = list(module.parameters())
     ref_inputs = list(ref_state.values())
     return batch * words, {
@@ -194,11 +222,14 @@ CASES = {"highway": _highway_case, "char_cnn": _char_cnn_case, "lstm_projection"
 
 def run(ops: List[str], models: List[str], shapes: List[tuple], threads: List[int], modes: List[str],
         dtype: torch.dtype = torch.float32, repeats: int = 3, progress: Callable[[str], None] = print,
-        full: bool = False) -> List[Result]:
-    """Time every (op, model, shape, mode, threads) cell; the whole biLM's backward only when full."""
+        full: bool = False, device: str = "cpu") -> List[Result]:
+    """Time every (op, model, shape, mode, threads) cell; the whole biLM's backward only when full.
+    On CUDA, % of peak is against the device's spec-sheet dense FLOP/s (GPU_PEAK_TFLOPS)."""
     results = []
     peaks: Dict[int, float] = {}  # threads -> the best GEMM rate measured in this run
     saved_threads = torch.get_num_threads()
+    _DEVICE[0] = device
+    cuda = torch.device(device).type == "cuda"
     try:
         for op in ops:
             for model in models:
@@ -210,9 +241,10 @@ def run(ops: List[str], models: List[str], shapes: List[tuple], threads: List[in
                         work = flops(op, model, batch, words, mode == "forward+backward")
                         for nthreads in threads:
                             if nthreads not in peaks:
-                                peaks[nthreads] = max(gemm_peak_gflops(nthreads, dtype).values())
+                                peaks[nthreads] = (gpu_peak_gflops(device, dtype) if cuda
+                                                   else max(gemm_peak_gflops(nthreads, dtype).values()))
                             torch.set_num_threads(nthreads)
-                            times = {name: time_call(fn, repeats) for name, fn in impls.items()}
+                            times = {name: time_call(fn, repeats, device=device) for name, fn in impls.items()}
                             base = times["reference"]
                             for name, t in times.items():
                                 gflops = work / t / 1e9
@@ -224,6 +256,7 @@ def run(ops: List[str], models: List[str], shapes: List[tuple], threads: List[in
                                 progress(format_row(r))
     finally:
         torch.set_num_threads(saved_threads)
+        _DEVICE[0] = "cpu"
     return results
 
 

@@ -34,12 +34,18 @@ def _bench(args: argparse.Namespace) -> int:
     models = [args.model or "original"]
     threads = [args.threads] if args.threads else ([1] if args.quick else [1, 2])
     print(f"# machine: {json.dumps(benchmark.machine())}")
-    print(f"# dtype float32, median of {repeats} after 1 warm-up; speedup = reference time / time")
-    results = benchmark.run(args.op or list(benchmark.CASES), models, shapes, threads, modes, repeats=repeats,
-                              full=args.full)
+    dtype = getattr(torch, args.dtype)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("elmo-fast bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    print(f"# device {args.device}, dtype {args.dtype}, median of {repeats} after 1 warm-up; "
+          "speedup = reference time / time")
+    results = benchmark.run(args.op or list(benchmark.CASES), models, shapes, threads, modes, dtype=dtype,
+                            repeats=repeats, full=args.full, device=args.device)
     print()
     print(benchmark.table(results))
-    stem = os.path.join(args.out, f"cpu-{time.strftime('%Y%m%d-%H%M%S')}")
+    kind = "cpu" if args.device == "cpu" else torch.cuda.get_device_name(torch.device(args.device)).replace(" ", "-")
+    stem = os.path.join(args.out, f"{kind}-{args.dtype}-{time.strftime('%Y%m%d-%H%M%S')}")
     benchmark.write_json(results, stem + ".json")
     print(f"\nwrote {stem}.json")
     from elmo_fast.bench_plot import plot_speedups
@@ -57,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the microbenchmarks and print a table")
     bench.add_argument("--model", choices=["small", "medium", "original"], default=None)
     bench.add_argument("--op", action="append", choices=["highway", "char_cnn", "lstm_projection", "elmo"], help="op to run (repeatable); default all")
+    bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
+                       help="dtype of weights and activations (default float32)")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 and 2)")
     bench.add_argument("--quick", action="store_true", help="one shape, forward only (under a minute)")
     bench.add_argument("--full", action="store_true", help="the whole grid incl. 64x32 and the biLM's backward")
