@@ -70,14 +70,10 @@ __attribute__((always_inline)) inline void token_max(const T* y, const T* consta
 
 // float gets ISA clones (Note [CPU multiversioning]); double is for tests. bfloat16 runs the float
 // loop on its GEMM output converted to float (forward_impl).
-EF_CPU_MULTIVERSION void token_max_f32(const float* y, const float* constant, const float* bias, float* out,
+EF_CPU_MULTIVERSION void token_max_any(const float* y, const float* constant, const float* bias, float* out,
                                        int16_t* win, const CharCnnGroup* groups, int64_t n_groups, int64_t L,
                                        int64_t C, int64_t F, bool use_tanh) {
   token_max(y, constant, bias, out, win, groups, n_groups, L, C, F, use_tanh);
-}
-void token_max_any(const float* y, const float* constant, const float* bias, float* out, int16_t* win,
-                   const CharCnnGroup* groups, int64_t n_groups, int64_t L, int64_t C, int64_t F, bool use_tanh) {
-  token_max_f32(y, constant, bias, out, win, groups, n_groups, L, C, F, use_tanh);
 }
 void token_max_any(const double* y, const double* constant, const double* bias, double* out, int16_t* win,
                    const CharCnnGroup* groups, int64_t n_groups, int64_t L, int64_t C, int64_t F, bool use_tanh) {

@@ -67,56 +67,23 @@ __attribute__((always_inline)) inline void input_grad_tokens(const A* g, const i
   }
 }
 
-EF_CPU_MULTIVERSION void weight_grad_filters_f32(const float* g, const int16_t* win, const int64_t* ids,
-                                                 const float* emb, const int64_t* width, float* gp, float* gb,
-                                                 int64_t f0, int64_t f1, int64_t N, int64_t C, int64_t d, int64_t F,
-                                                 int64_t K) {
-  weight_grad_filters(g, win, ids, emb, width, gp, gb, f0, f1, N, C, d, F, K);
-}
-EF_CPU_MULTIVERSION void input_grad_tokens_f32(const float* g, const int16_t* win, const float* packed,
-                                               const int64_t* width, float* gx, int64_t n0, int64_t n1, int64_t C,
-                                               int64_t d, int64_t F, int64_t K) {
-  input_grad_tokens(g, win, packed, width, gx, n0, n1, C, d, F, K);
-}
-void weight_grad_filters_any(const float* g, const int16_t* win, const int64_t* ids, const float* emb,
-                             const int64_t* width, float* gp, float* gb, int64_t f0, int64_t f1, int64_t N, int64_t C,
-                             int64_t d, int64_t F, int64_t K) {
-  weight_grad_filters_f32(g, win, ids, emb, width, gp, gb, f0, f1, N, C, d, F, K);
-}
-void weight_grad_filters_any(const double* g, const int16_t* win, const int64_t* ids, const double* emb,
-                             const int64_t* width, double* gp, double* gb, int64_t f0, int64_t f1, int64_t N,
-                             int64_t C, int64_t d, int64_t F, int64_t K) {
-  weight_grad_filters(g, win, ids, emb, width, gp, gb, f0, f1, N, C, d, F, K);
-}
-void input_grad_tokens_any(const float* g, const int16_t* win, const float* packed, const int64_t* width, float* gx,
-                           int64_t n0, int64_t n1, int64_t C, int64_t d, int64_t F, int64_t K) {
-  input_grad_tokens_f32(g, win, packed, width, gx, n0, n1, C, d, F, K);
-}
+// One overload per (accumulation A, storage T) pair, called from at::parallel_for's lambdas: float
+// and bfloat16 storage get ISA clones (Note [CPU multiversioning]); double is for tests.
 using bf16 = c10::BFloat16;
-EF_CPU_MULTIVERSION void weight_grad_filters_bf16(const float* g, const int16_t* win, const int64_t* ids,
-                                                  const bf16* emb, const int64_t* width, float* gp, float* gb,
-                                                  int64_t f0, int64_t f1, int64_t N, int64_t C, int64_t d, int64_t F,
-                                                  int64_t K) {
-  weight_grad_filters(g, win, ids, emb, width, gp, gb, f0, f1, N, C, d, F, K);
-}
-EF_CPU_MULTIVERSION void input_grad_tokens_bf16(const float* g, const int16_t* win, const bf16* packed,
-                                                const int64_t* width, float* gx, int64_t n0, int64_t n1, int64_t C,
-                                                int64_t d, int64_t F, int64_t K) {
-  input_grad_tokens(g, win, packed, width, gx, n0, n1, C, d, F, K);
-}
-void weight_grad_filters_any(const float* g, const int16_t* win, const int64_t* ids, const bf16* emb,
-                             const int64_t* width, float* gp, float* gb, int64_t f0, int64_t f1, int64_t N, int64_t C,
-                             int64_t d, int64_t F, int64_t K) {
-  weight_grad_filters_bf16(g, win, ids, emb, width, gp, gb, f0, f1, N, C, d, F, K);
-}
-void input_grad_tokens_any(const float* g, const int16_t* win, const bf16* packed, const int64_t* width, float* gx,
-                           int64_t n0, int64_t n1, int64_t C, int64_t d, int64_t F, int64_t K) {
-  input_grad_tokens_bf16(g, win, packed, width, gx, n0, n1, C, d, F, K);
-}
-void input_grad_tokens_any(const double* g, const int16_t* win, const double* packed, const int64_t* width,
-                           double* gx, int64_t n0, int64_t n1, int64_t C, int64_t d, int64_t F, int64_t K) {
-  input_grad_tokens(g, win, packed, width, gx, n0, n1, C, d, F, K);
-}
+#define EF_CHAR_CNN_GRADS(ATTR, A, T)                                                                             \
+  ATTR void weight_grad_filters_any(const A* g, const int16_t* win, const int64_t* ids, const T* emb,             \
+                                    const int64_t* width, A* gp, A* gb, int64_t f0, int64_t f1, int64_t N,        \
+                                    int64_t C, int64_t d, int64_t F, int64_t K) {                                 \
+    weight_grad_filters(g, win, ids, emb, width, gp, gb, f0, f1, N, C, d, F, K);                                  \
+  }                                                                                                               \
+  ATTR void input_grad_tokens_any(const A* g, const int16_t* win, const T* packed, const int64_t* width, A* gx,   \
+                                  int64_t n0, int64_t n1, int64_t C, int64_t d, int64_t F, int64_t K) {           \
+    input_grad_tokens(g, win, packed, width, gx, n0, n1, C, d, F, K);                                             \
+  }
+EF_CHAR_CNN_GRADS(EF_CPU_MULTIVERSION, float, float)
+EF_CHAR_CNN_GRADS(EF_CPU_MULTIVERSION, float, bf16)
+EF_CHAR_CNN_GRADS(, double, double)
+#undef EF_CHAR_CNN_GRADS
 
 template <typename T, typename A = at::opmath_type<T>>
 void backward_impl(const CharCnnShape& s, const at::Tensor& dy_t, const at::Tensor& out_t, const at::Tensor& win_t,

@@ -73,60 +73,24 @@ __attribute__((always_inline)) inline void backward_rows(const T* dy, const T* x
   }
 }
 
-// float and bfloat16 get ISA clones (Note [CPU multiversioning]); double is for tests and stays generic.
+// One overload per storage type, called from at::parallel_for's lambda: float and bfloat16 get ISA
+// clones (Note [CPU multiversioning]); double is for tests and stays generic.
 using bf16 = c10::BFloat16;
-EF_CPU_MULTIVERSION void forward_rows_bf16(bf16* p, const bf16* x, bf16* y, int64_t r0, int64_t r1, int64_t F,
-                                           bool save) {
-  forward_rows(p, x, y, r0, r1, F, save);
-}
-EF_CPU_MULTIVERSION void mix_rows_bf16(const bf16* a, const bf16* x, bf16* y, int64_t r0, int64_t r1, int64_t F) {
-  mix_rows(a, x, y, r0, r1, F);
-}
-EF_CPU_MULTIVERSION void backward_rows_bf16(const bf16* dy, const bf16* x, const bf16* a, bf16* dp, bf16* dx,
-                                            int64_t r0, int64_t r1, int64_t F) {
-  backward_rows(dy, x, a, dp, dx, r0, r1, F);
-}
-void forward_rows_any(bf16* p, const bf16* x, bf16* y, int64_t r0, int64_t r1, int64_t F, bool save) {
-  forward_rows_bf16(p, x, y, r0, r1, F, save);
-}
-void mix_rows_any(const bf16* a, const bf16* x, bf16* y, int64_t r0, int64_t r1, int64_t F) {
-  mix_rows_bf16(a, x, y, r0, r1, F);
-}
-void backward_rows_any(const bf16* dy, const bf16* x, const bf16* a, bf16* dp, bf16* dx, int64_t r0, int64_t r1,
-                       int64_t F) {
-  backward_rows_bf16(dy, x, a, dp, dx, r0, r1, F);
-}
-EF_CPU_MULTIVERSION void forward_rows_f32(float* p, const float* x, float* y, int64_t r0, int64_t r1, int64_t F,
-                                          bool save) {
-  forward_rows(p, x, y, r0, r1, F, save);
-}
-EF_CPU_MULTIVERSION void mix_rows_f32(const float* a, const float* x, float* y, int64_t r0, int64_t r1, int64_t F) {
-  mix_rows(a, x, y, r0, r1, F);
-}
-EF_CPU_MULTIVERSION void backward_rows_f32(const float* dy, const float* x, const float* a, float* dp, float* dx,
-                                           int64_t r0, int64_t r1, int64_t F) {
-  backward_rows(dy, x, a, dp, dx, r0, r1, F);
-}
-void forward_rows_any(float* p, const float* x, float* y, int64_t r0, int64_t r1, int64_t F, bool save) {
-  forward_rows_f32(p, x, y, r0, r1, F, save);
-}
-void forward_rows_any(double* p, const double* x, double* y, int64_t r0, int64_t r1, int64_t F, bool save) {
-  forward_rows(p, x, y, r0, r1, F, save);
-}
-void mix_rows_any(const float* a, const float* x, float* y, int64_t r0, int64_t r1, int64_t F) {
-  mix_rows_f32(a, x, y, r0, r1, F);
-}
-void mix_rows_any(const double* a, const double* x, double* y, int64_t r0, int64_t r1, int64_t F) {
-  mix_rows(a, x, y, r0, r1, F);
-}
-void backward_rows_any(const float* dy, const float* x, const float* a, float* dp, float* dx, int64_t r0, int64_t r1,
-                       int64_t F) {
-  backward_rows_f32(dy, x, a, dp, dx, r0, r1, F);
-}
-void backward_rows_any(const double* dy, const double* x, const double* a, double* dp, double* dx, int64_t r0,
-                       int64_t r1, int64_t F) {
-  backward_rows(dy, x, a, dp, dx, r0, r1, F);
-}
+#define EF_HIGHWAY_ROWS(ATTR, T)                                                                                  \
+  ATTR void forward_rows_any(T* p, const T* x, T* y, int64_t r0, int64_t r1, int64_t F, bool save) {             \
+    forward_rows(p, x, y, r0, r1, F, save);                                                                       \
+  }                                                                                                               \
+  ATTR void mix_rows_any(const T* a, const T* x, T* y, int64_t r0, int64_t r1, int64_t F) {                      \
+    mix_rows(a, x, y, r0, r1, F);                                                                                 \
+  }                                                                                                               \
+  ATTR void backward_rows_any(const T* dy, const T* x, const T* a, T* dp, T* dx, int64_t r0, int64_t r1,         \
+                              int64_t F) {                                                                        \
+    backward_rows(dy, x, a, dp, dx, r0, r1, F);                                                                   \
+  }
+EF_HIGHWAY_ROWS(EF_CPU_MULTIVERSION, float)
+EF_HIGHWAY_ROWS(EF_CPU_MULTIVERSION, bf16)
+EF_HIGHWAY_ROWS(, double)
+#undef EF_HIGHWAY_ROWS
 
 struct CpuHighwayPointwise {
   void forward(at::Tensor& proj, const at::Tensor& x, at::Tensor& y, bool save) const {

@@ -106,50 +106,22 @@ __attribute__((always_inline)) inline void backward_rows_any_m(const T* dm, cons
   }
 }
 
+// One overload per storage type T (A: its accumulation type), called from at::parallel_for's lambdas:
 // float and bfloat16 get ISA clones (Note [CPU multiversioning]); double is for tests and stays generic.
 using bf16 = c10::BFloat16;
-EF_CPU_MULTIVERSION void forward_rows_f32(const float* z, float* gates, float* c, float* c_save, float* m, int64_t r0,
-                                          int64_t r1, int64_t n, float cell_clip, float out_clip) {
-  forward_rows_any_save(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
-}
-EF_CPU_MULTIVERSION void forward_rows_bf16(const bf16* z, float* gates, float* c, float* c_save, bf16* m, int64_t r0,
-                                           int64_t r1, int64_t n, float cell_clip, float out_clip) {
-  forward_rows_any_save(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
-}
-EF_CPU_MULTIVERSION void backward_rows_f32(const float* dm, const float* gates, const float* c, const float* c_prev,
-                                           float* dc, float* dz, float* m, int64_t r0, int64_t r1, int64_t n,
-                                           float cell_clip) {
-  backward_rows_any_m(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
-}
-EF_CPU_MULTIVERSION void backward_rows_bf16(const bf16* dm, const float* gates, const float* c, const float* c_prev,
-                                            float* dc, bf16* dz, bf16* m, int64_t r0, int64_t r1, int64_t n,
-                                            float cell_clip) {
-  backward_rows_any_m(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
-}
-void forward_rows_dispatch(const float* z, float* gates, float* c, float* c_save, float* m, int64_t r0, int64_t r1,
-                           int64_t n, float cell_clip, float out_clip) {
-  forward_rows_f32(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
-}
-void forward_rows_dispatch(const bf16* z, float* gates, float* c, float* c_save, bf16* m, int64_t r0, int64_t r1,
-                           int64_t n, float cell_clip, float out_clip) {
-  forward_rows_bf16(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
-}
-void forward_rows_dispatch(const double* z, double* gates, double* c, double* c_save, double* m, int64_t r0,
-                           int64_t r1, int64_t n, double cell_clip, double out_clip) {
-  forward_rows_any_save(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
-}
-void backward_rows_dispatch(const float* dm, const float* gates, const float* c, const float* c_prev, float* dc,
-                            float* dz, float* m, int64_t r0, int64_t r1, int64_t n, float cell_clip) {
-  backward_rows_f32(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
-}
-void backward_rows_dispatch(const bf16* dm, const float* gates, const float* c, const float* c_prev, float* dc,
-                            bf16* dz, bf16* m, int64_t r0, int64_t r1, int64_t n, float cell_clip) {
-  backward_rows_bf16(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
-}
-void backward_rows_dispatch(const double* dm, const double* gates, const double* c, const double* c_prev, double* dc,
-                            double* dz, double* m, int64_t r0, int64_t r1, int64_t n, double cell_clip) {
-  backward_rows_any_m(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);
-}
+#define EF_LSTM_ROWS(ATTR, T, A)                                                                                  \
+  ATTR void forward_rows_dispatch(const T* z, A* gates, A* c, A* c_save, T* m, int64_t r0, int64_t r1, int64_t n, \
+                                  A cell_clip, A out_clip) {                                                      \
+    forward_rows_any_save(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);                                \
+  }                                                                                                               \
+  ATTR void backward_rows_dispatch(const T* dm, const A* gates, const A* c, const A* c_prev, A* dc, T* dz, T* m,  \
+                                   int64_t r0, int64_t r1, int64_t n, A cell_clip) {                              \
+    backward_rows_any_m(dm, gates, c, c_prev, dc, dz, m, r0, r1, n, cell_clip);                                   \
+  }
+EF_LSTM_ROWS(EF_CPU_MULTIVERSION, float, float)
+EF_LSTM_ROWS(EF_CPU_MULTIVERSION, bf16, float)
+EF_LSTM_ROWS(, double, double)
+#undef EF_LSTM_ROWS
 
 struct CpuLstmPointwise {
   void forward(const at::Tensor& z, const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_save,
