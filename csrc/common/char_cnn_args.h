@@ -80,6 +80,14 @@ inline void check_char_cnn_bias(at::TensorList bias, const at::Tensor& embedding
 }
 
 // (F, K) packed weight (Note [char-CNN packed weight]), contiguous, in `dtype`.
+// The forward's outputs, uninitialised: out (N, F) in the embedding's dtype and, when saving for
+// backward, the winning window start per (token, filter) as int16 (N, F); else an empty (0, 0).
+inline std::tuple<at::Tensor, at::Tensor> empty_char_cnn_outputs(const CharCnnShape& s, const at::Tensor& embedding,
+                                                                 bool save_activations) {
+  return {at::empty({s.N, s.F}, embedding.options()),
+          at::empty({save_activations ? s.N : 0, save_activations ? s.F : 0}, embedding.options().dtype(at::kShort))};
+}
+
 inline at::Tensor pack_char_cnn_weight(at::TensorList weight, const CharCnnShape& s, at::ScalarType dtype) {
   std::vector<at::Tensor> rows;
   rows.reserve(weight.size());

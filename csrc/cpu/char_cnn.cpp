@@ -189,9 +189,8 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cpu(const at::Tensor& char_ids, cons
   TORCH_CHECK(embedding.scalar_type() == at::kFloat || embedding.scalar_type() == at::kDouble ||
                   embedding.scalar_type() == at::kBFloat16,
               "char_cnn on CPU supports float32, float64 and bfloat16, got ", embedding.scalar_type());
-  at::Tensor out = at::empty({s.N, s.F}, embedding.options());
-  at::Tensor win = at::empty({save_activations ? s.N : 0, save_activations ? s.F : 0},
-                             embedding.options().dtype(at::kShort));
+  at::Tensor out, win;  // not a structured binding: C++17 lambdas cannot capture those
+  std::tie(out, win) = empty_char_cnn_outputs(s, embedding, save_activations);
   if (s.N == 0 || s.F == 0) return {out, win};
   const at::Tensor ids = char_ids.contiguous();
   const at::Tensor emb = embedding.contiguous();

@@ -44,9 +44,8 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cuda(const at::Tensor& char_ids, con
   const CharCnnShape s = check_char_cnn_args(char_ids, embedding, weight);
   check_char_cnn_bias(bias, embedding, s);
   const c10::cuda::CUDAGuard guard(embedding.device());
-  at::Tensor out = at::empty({s.N, s.F}, embedding.options());
-  at::Tensor win = at::empty({save_activations ? s.N : 0, save_activations ? s.F : 0},
-                             embedding.options().dtype(at::kShort));
+  at::Tensor out, win;  // not a structured binding: C++17 lambdas cannot capture those
+  std::tie(out, win) = empty_char_cnn_outputs(s, embedding, save_activations);
   if (s.N == 0 || s.F == 0) return {out, win};
   const cuda::CharCnnGroups groups = to_groups(s);
   const at::Tensor ids = char_ids.contiguous();
