@@ -13,6 +13,7 @@ import pytest
 from elmo_fast import cli
 from elmo_fast.embedder import ElmoEmbedder
 from elmo_fast.synthetic import write_elmo_files
+from util import interrupt_nth_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL_REORDER = dict(rtol=1e-5, atol=1e-5)   # other batch compositions: float32 rounding differs (not bitwise)
@@ -88,21 +89,11 @@ def test_cli_stateless_sorted_equals_api_and_resume(model, tmp_path, monkeypatch
     source = lines_file(tmp_path / "in.txt", 30, seed=1)
     ElmoEmbedder(*model, stateful=False).embed_file(str(source), str(tmp_path / "api.hdf5"), "top", batch_size=4,
                                                     sort=False)
-    from elmo_fast.embed_io import OutputFile
-
-    original, calls = OutputFile.write_batch, {"n": 0}
-
-    def write_batch(self, items, state=None):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, items, state)
-
-    monkeypatch.setattr(OutputFile, "write_batch", write_batch)
+    undo_interrupt = interrupt_nth_write(monkeypatch, 3)
     out = tmp_path / "cli.hdf5"
     common = ("--top", "--stateless", "--batch-size", "4", "--max-tokens-per-batch", "30", "--sort-window", "9")
     assert cli.main(args(model, source, out, *common)) == 130
-    monkeypatch.setattr(OutputFile, "write_batch", original)
+    undo_interrupt()
     assert cli.main(args(model, source, out, *common)) == 2                 # exists: needs --resume
     assert cli.main(args(model, source, out, *common, "--resume")) == 0
     assert_same(tmp_path / "api.hdf5", out, exact=False)

@@ -14,9 +14,10 @@ from elmo_fast import cli
 from elmo_fast import elmo as elmo_module
 from elmo_fast.chars import batch_to_ids
 from elmo_fast.elmo import ElmoCharacterEncoder
-from elmo_fast.embed_io import ConfigurationError, OutputFile
+from elmo_fast.embed_io import ConfigurationError
 from elmo_fast.embedder import ElmoEmbedder
 from elmo_fast.synthetic import write_elmo_files
+from util import interrupt_nth_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Other batch compositions: float32 rounding differs (not bitwise), compounded over up to 30 steps.
@@ -113,20 +114,12 @@ def test_cli_fasta_stateless_resume_equals_api(model, tmp_path, monkeypatch):
     random_fasta(tmp_path / "in.fasta", 25, seed=2)
     ElmoEmbedder(*model, stateful=False).embed_fasta(str(tmp_path / "in.fasta"), str(tmp_path / "api.hdf5"), "top",
                                                      batch_size=4, sort=False)
-    original, calls = OutputFile.write_batch, {"n": 0}
-
-    def write_batch(self, items, state=None):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, items, state)
-
+    undo_interrupt = interrupt_nth_write(monkeypatch, 3)
     common = ["embed", str(tmp_path / "in.fasta"), str(tmp_path / "cli.hdf5"), "--options-file", model[0],
               "--weight-file", model[1], "--fasta", "--top", "--stateless", "--batch-size", "4",
               "--max-tokens-per-batch", "60", "--no-progress"]
-    monkeypatch.setattr(OutputFile, "write_batch", write_batch)
     assert cli.main(common) == 130
-    monkeypatch.setattr(OutputFile, "write_batch", original)
+    undo_interrupt()
     assert cli.main(common + ["--resume"]) == 0
     api, _ = read(tmp_path / "api.hdf5")
     got, attrs = read(tmp_path / "cli.hdf5")

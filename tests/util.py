@@ -27,3 +27,20 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     out = wide[..., ::2]
     assert not out.is_contiguous() or t.shape[-1] <= 1
     return out.requires_grad_(t.requires_grad)
+
+
+def interrupt_nth_write(monkeypatch, n):
+    """Make the n-th call of OutputFile.write_batch raise KeyboardInterrupt (a Ctrl-C mid-file).
+    Returns a function that undoes it, for the resumed run."""
+    from elmo_fast.embed_io import OutputFile
+
+    original, calls = OutputFile.write_batch, {"n": 0}
+
+    def write_batch(self, items, state=None):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(self, items, state)
+
+    monkeypatch.setattr(OutputFile, "write_batch", write_batch)
+    return lambda: monkeypatch.setattr(OutputFile, "write_batch", original)
