@@ -59,10 +59,16 @@ def extension():
     # Without -g the build is ~25% faster and the .so ~10x smaller; ELMO_FAST_DEBUG=1 restores it.
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     cxx += ["-fno-math-errno"]  # lets gcc vectorize the math in the pointwise loops
+    # ATen's at::parallel_for is inline: without -fopenmp in *our* translation units it compiles to a
+    # serial loop and torch.set_num_threads never reaches our kernels. Linking -fopenmp names
+    # libgomp.so.1, which resolves to the copy torch ships and has already loaded (same soname), so
+    # there is one OpenMP runtime and torch's thread count governs it.
+    cxx += ["-fopenmp"]
+    link = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     if not cuda:
         return CppExtension("elmo_fast._C", sources, include_dirs=include_dirs, define_macros=macros,
-                            extra_compile_args={"cxx": cxx}, py_limited_api=True)
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=True)
     # No GPU at build time means torch cannot guess the archs (and crashes); default to a short list.
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
@@ -70,7 +76,8 @@ def extension():
     macros += [("WITH_CUDA", None), ("ELMO_FAST_CUDA_ARCHS", c_string(archs))]
     nvcc = ["-O3", "-lineinfo"] + (["-G"] if debug else [])
     return CUDAExtension("elmo_fast._C", sources, include_dirs=include_dirs, define_macros=macros,
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, py_limited_api=True)
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,
+                         py_limited_api=True)
 
 
 setup(

@@ -38,6 +38,18 @@ TORCH_LIBRARY(elmo_fast, m) {
       " Tensor w_ih, Tensor w_hh, Tensor? w_proj, Tensor h0, Tensor c0, Tensor out, Tensor activations,"
       " bool has_bias, float cell_clip, float proj_clip, bool reverse)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Both directions of one layer in one call, so the CPU can run them side by side (csrc/cpu/side_by_side.cpp):
+  // every list holds 2 entries, [0] the forward direction, [1] the reverse one, each exactly
+  // lstm_projection's arguments (the two x may differ: ELMo's stacks; or be one tensor: torch.nn.LSTM).
+  m.def(
+      "lstm_bidirectional(Tensor[] x, Tensor lengths, Tensor[] w_ih, Tensor[] w_hh, Tensor?[] bias,"
+      " Tensor?[] w_proj, Tensor[] h0, Tensor[] c0, float cell_clip, float proj_clip, bool save_activations)"
+      " -> (Tensor[], Tensor[], Tensor[], Tensor[])");
+  m.def(
+      "lstm_bidirectional_backward(Tensor[] grad_out, Tensor[] grad_h_n, Tensor[] grad_c_n, Tensor[] x,"
+      " Tensor lengths, Tensor[] w_ih, Tensor[] w_hh, Tensor?[] w_proj, Tensor[] h0, Tensor[] c0, Tensor[] out,"
+      " Tensor[] activations, bool has_bias, float cell_clip, float proj_clip)"
+      " -> (Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[])");
 
   // char_ids (N, C) int64 in 0..V-1; embedding (V, d); weight[i] (m_i, d, w_i) (Conv1d layout), any widths
   // <= C; bias[i] (m_i,); activation "relu" | "tanh" (after the max). Returns out (N, F = sum m_i) and, when
@@ -55,6 +67,8 @@ TORCH_LIBRARY_IMPL(elmo_fast, CPU, m) {
   m.impl("highway_backward", &elmo_fast::highway_backward_cpu);
   m.impl("lstm_projection", &elmo_fast::lstm_projection_cpu);
   m.impl("lstm_projection_backward", &elmo_fast::lstm_projection_backward_cpu);
+  m.impl("lstm_bidirectional", &elmo_fast::lstm_bidirectional_cpu);
+  m.impl("lstm_bidirectional_backward", &elmo_fast::lstm_bidirectional_backward_cpu);
   m.impl("char_cnn", &elmo_fast::char_cnn_cpu);
   m.impl("char_cnn_backward", &elmo_fast::char_cnn_backward_cpu);
 }

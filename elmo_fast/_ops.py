@@ -91,6 +91,56 @@ def _lstm_projection_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_activatio
 torch.library.register_autograd("elmo_fast::lstm_projection", _lstm_projection_backward,
                                 setup_context=_lstm_projection_setup_context)
 
+# --- lstm_bidirectional: both directions of a layer; every list is [forward, reverse] ------------
+
+@torch.library.register_fake("elmo_fast::lstm_bidirectional")
+def _lstm_bidirectional_fake(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, save_activations):
+    per_direction = [_lstm_projection_fake(x[i], lengths, w_ih[i], w_hh[i], bias[i], w_proj[i], h0[i], c0[i],
+                                           cell_clip, proj_clip, i == 1, save_activations) for i in range(2)]
+    return tuple([d[k] for d in per_direction] for k in range(4))
+
+
+@torch.library.register_fake("elmo_fast::lstm_bidirectional_backward")
+def _lstm_bidirectional_backward_fake(grad_out, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_proj, h0, c0, out,
+                                      activations, has_bias, cell_clip, proj_clip):
+    per_direction = [_lstm_projection_backward_fake(grad_out[i], grad_h_n[i], grad_c_n[i], x[i], lengths, w_ih[i],
+                                                    w_hh[i], w_proj[i], h0[i], c0[i], out[i], activations[i],
+                                                    has_bias, cell_clip, proj_clip, i == 1) for i in range(2)]
+    return tuple([d[k] for d in per_direction] for k in range(7))
+
+
+def _lstm_bidirectional_setup_context(ctx, inputs, output):
+    x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, save = inputs
+    ctx.has_bias = [b is not None for b in bias]
+    ctx.has_proj = [w is not None for w in w_proj]
+    ctx.saved_activations, ctx.clips = save, (cell_clip, proj_clip)
+    ctx.save_for_backward(lengths, *x, *w_ih, *w_hh, *w_proj, *h0, *c0, *output[0], *output[3],
+                          *((None, None) if save else bias))
+
+
+def _lstm_bidirectional_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_activations):
+    lengths, *rest = ctx.saved_tensors
+    x, w_ih, w_hh, w_proj, h0, c0, out, activations, bias = (rest[k:k + 2] for k in range(0, 18, 2))
+    cell_clip, proj_clip = ctx.clips
+    if not ctx.saved_activations:  # called with save_activations=False: recompute them
+        out, _, _, activations = torch.ops.elmo_fast.lstm_bidirectional(x, lengths, w_ih, w_hh, bias, w_proj, h0,
+                                                                        c0, cell_clip, proj_clip, True)
+
+    def or_zeros(grads, like):
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads or (None, None), like)]
+
+    gx, gw_ih, gw_hh, gb, gw_proj, gh0, gc0 = torch.ops.elmo_fast.lstm_bidirectional_backward(
+        or_zeros(grad_out, out), or_zeros(grad_h_n, h0), or_zeros(grad_c_n, c0), x, lengths, w_ih, w_hh, w_proj, h0,
+        c0, out, activations, any(ctx.has_bias), cell_clip, proj_clip)
+    # torch.library treats a Tensor?[] holding a None as one non-tensor argument: its grad is None.
+    gb = list(gb) if all(ctx.has_bias) else None
+    gw_proj = list(gw_proj) if all(ctx.has_proj) else None
+    return list(gx), None, list(gw_ih), list(gw_hh), gb, gw_proj, list(gh0), list(gc0), None, None, None
+
+
+torch.library.register_autograd("elmo_fast::lstm_bidirectional", _lstm_bidirectional_backward,
+                                setup_context=_lstm_bidirectional_setup_context)
+
 # --- char_cnn --------------------------------------------------------------------------------
 
 @torch.library.register_fake("elmo_fast::char_cnn")
@@ -128,5 +178,5 @@ torch.library.register_autograd("elmo_fast::char_cnn", _char_cnn_backward, setup
 # precision the CPU ops take): floating inputs, weight lists included, are cast to bf16 (the casts
 # are recorded by autograd, so float32 parameters get float32 gradients) and the outputs are bf16.
 # The backward ops need no rule: autograd calls them with the forward's bf16 tensors.
-for _name in ("highway", "lstm_projection", "char_cnn"):
+for _name in ("highway", "lstm_projection", "lstm_bidirectional", "char_cnn"):
     torch.library.register_autocast(f"elmo_fast::{_name}", "cpu", torch.bfloat16)

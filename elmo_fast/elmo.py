@@ -278,6 +278,7 @@ class ElmoLstm(nn.Module):
         self.num_layers = num_layers
         self.requires_grad = requires_grad
         self.stateful = stateful
+        self.cell_clip_value, self.proj_clip_value = memory_cell_clip_value, state_projection_clip_value
         self._states: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         forward_layers, backward_layers = [], []
         lstm_input_size = input_size
@@ -337,19 +338,18 @@ class ElmoLstm(nn.Module):
             raise ValueError(f"mask must have shape (batch, timesteps) = {tuple(inputs.shape[:2])}, "
                              f"got {tuple(mask.shape)}")
         batch = inputs.shape[0]
-        lengths = mask.long().sum(dim=-1)
+        lengths = mask.long().sum(dim=-1).cpu()
         h0, c0 = self._initial_state(batch, inputs)
         p, n = self.hidden_size, self.cell_size
         in_fwd = in_bwd = inputs
         outputs, h_n, c_n = [], [], []
         for layer_index in range(self.num_layers):
-            forward_layer = self.forward_layers[layer_index]
-            backward_layer = self.backward_layers[layer_index]
-            out_fwd, (h_fwd, c_fwd) = forward_layer(in_fwd, lengths, (h0[layer_index:layer_index + 1, :, :p],
-                                                                     c0[layer_index:layer_index + 1, :, :n]))
-            out_bwd, (h_bwd, c_bwd) = backward_layer(in_bwd, lengths, (h0[layer_index:layer_index + 1, :, p:],
-                                                                       c0[layer_index:layer_index + 1, :, n:]))
-            h_fwd, c_fwd, h_bwd, c_bwd = h_fwd[0], c_fwd[0], h_bwd[0], c_bwd[0]
+            layers = (self.forward_layers[layer_index], self.backward_layers[layer_index])
+            # One op for both directions, so the CPU may run them side by side (functional.lstm_bidirectional).
+            (out_fwd, out_bwd), (h_fwd, h_bwd), (c_fwd, c_bwd) = functional.lstm_bidirectional(
+                [in_fwd, in_bwd], lengths, [layer.weights() for layer in layers],
+                [h0[layer_index, :, :p], h0[layer_index, :, p:]], [c0[layer_index, :, :n], c0[layer_index, :, n:]],
+                self.cell_clip_value, self.proj_clip_value)
             if layer_index != 0:   # skip connections: the output only; the recurrent state is un-summed
                 out_fwd = out_fwd + in_fwd
                 out_bwd = out_bwd + in_bwd

@@ -5,13 +5,13 @@ elmo_fast.reference holds the same functions in plain PyTorch, as the tests' ora
 import functools
 import platform
 import warnings
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from elmo_fast import _ops  # noqa: F401  (registers torch.ops.elmo_fast.*)
 
-__all__ = ["highway", "char_cnn", "lstm_projection"]
+__all__ = ["highway", "char_cnn", "lstm_projection", "lstm_bidirectional"]
 
 _DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
@@ -190,6 +190,57 @@ def _check_clip(value, name: str) -> float:
     return float(value)
 
 
+def _check_direction(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, where: str = "", check_lengths: bool = True):
+    """lstm_projection's argument checks (messages name the argument, prefixed by `where`); returns
+    (x, lengths, w_ih, w_hh, bias, w_proj, h0, c0) after the autocast cast."""
+    x = _check_tensor(x, f"{where}x")
+    lengths = _check_tensor(lengths, "lengths")
+    w_ih, w_hh = _check_tensor(w_ih, f"{where}w_ih"), _check_tensor(w_hh, f"{where}w_hh")
+    h0, c0 = _check_tensor(h0, f"{where}h0"), _check_tensor(c0, f"{where}c0")
+    if bias is not None:
+        bias = _check_tensor(bias, f"{where}bias")
+    if w_proj is not None:
+        w_proj = _check_tensor(w_proj, f"{where}w_proj")
+    if x.dim() != 3:
+        raise ValueError(f"{where}x must have shape (B, T, I), got {tuple(x.shape)}")
+    x, w_ih, w_hh, bias, w_proj, h0, c0 = _autocast(x.device, x, w_ih, w_hh, bias, w_proj, h0, c0)
+    _check_float_dtype(x, f"{where}x")
+    _check_bf16_speed(x)
+    b, t, i = x.shape
+    if lengths.device.type != "cpu":
+        raise ValueError(f"lengths must be a CPU tensor (as for pack_padded_sequence), got one on {lengths.device}")
+    if lengths.dtype != torch.int64:
+        raise TypeError(f"lengths must have dtype int64, got {str(lengths.dtype).replace('torch.', '')}")
+    if lengths.dim() != 1 or lengths.shape[0] != b:
+        raise ValueError(f"lengths must have shape (B,) = ({b},) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(lengths.shape)}")
+    if w_ih.dim() != 2 or w_ih.shape[0] % 4 != 0:
+        raise ValueError(f"{where}w_ih must have shape (4n, I), got {tuple(w_ih.shape)}")
+    n = w_ih.shape[0] // 4
+    if w_ih.shape[1] != i:
+        raise ValueError(f"{where}w_ih must have shape (4n, I) = ({4 * n}, {i}) for x with I = {i} features, "
+                         f"got {tuple(w_ih.shape)}")
+    p = w_proj.shape[0] if w_proj is not None and w_proj.dim() == 2 else n
+    if w_proj is not None and tuple(w_proj.shape) != (p, n):
+        raise ValueError(f"{where}w_proj must have shape (P, n) with n = {n}, got {tuple(w_proj.shape)}")
+    if tuple(w_hh.shape) != (4 * n, p):
+        raise ValueError(f"{where}w_hh must have shape (4n, P) = {(4 * n, p)}, got {tuple(w_hh.shape)}")
+    if bias is not None and tuple(bias.shape) != (4 * n,):
+        raise ValueError(f"{where}bias must have shape (4n,) = ({4 * n},), got {tuple(bias.shape)}")
+    if tuple(h0.shape) != (b, p):
+        raise ValueError(f"{where}h0 must have shape (B, P) = {(b, p)}, got {tuple(h0.shape)}")
+    if tuple(c0.shape) != (b, n):
+        raise ValueError(f"{where}c0 must have shape (B, n) = {(b, n)}, got {tuple(c0.shape)}")
+    for value, name in ((w_ih, "w_ih"), (w_hh, "w_hh"), (bias, "bias"), (w_proj, "w_proj"), (h0, "h0"), (c0, "c0")):
+        if value is not None:
+            _check_like(value, x, where + name, f"{where}x")
+    if check_lengths and not torch.compiler.is_compiling() and b > 0:  # value checks would break a compiled graph
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > t:
+            raise ValueError(f"lengths must lie in [0, T] = [0, {t}], got values in [{low}, {high}]")
+    return x, lengths, w_ih, w_hh, bias, w_proj, h0, c0
+
+
 def lstm_projection(x: torch.Tensor, lengths: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
                     bias: Optional[torch.Tensor], w_proj: Optional[torch.Tensor], h0: torch.Tensor,
                     c0: torch.Tensor, cell_clip: Optional[float] = None, proj_clip: Optional[float] = None,
@@ -203,54 +254,44 @@ def lstm_projection(x: torch.Tensor, lengths: torch.Tensor, w_ih: torch.Tensor, 
     lengths must be a CPU int64 tensor (as for torch's pack_padded_sequence): the op plans its row
     order on the host. cell_clip / proj_clip: None or <= 0 means no clip.
     """
-    x = _check_tensor(x, "x")
-    lengths = _check_tensor(lengths, "lengths")
-    w_ih, w_hh = _check_tensor(w_ih, "w_ih"), _check_tensor(w_hh, "w_hh")
-    h0, c0 = _check_tensor(h0, "h0"), _check_tensor(c0, "c0")
-    if bias is not None:
-        bias = _check_tensor(bias, "bias")
-    if w_proj is not None:
-        w_proj = _check_tensor(w_proj, "w_proj")
-    if x.dim() != 3:
-        raise ValueError(f"x must have shape (B, T, I), got {tuple(x.shape)}")
-    x, w_ih, w_hh, bias, w_proj, h0, c0 = _autocast(x.device, x, w_ih, w_hh, bias, w_proj, h0, c0)
-    _check_float_dtype(x, "x")
-    _check_bf16_speed(x)
-    b, t, i = x.shape
-    if lengths.device.type != "cpu":
-        raise ValueError(f"lengths must be a CPU tensor (as for pack_padded_sequence), got one on {lengths.device}")
-    if lengths.dtype != torch.int64:
-        raise TypeError(f"lengths must have dtype int64, got {str(lengths.dtype).replace('torch.', '')}")
-    if lengths.dim() != 1 or lengths.shape[0] != b:
-        raise ValueError(f"lengths must have shape (B,) = ({b},) for x of shape {tuple(x.shape)}, "
-                         f"got {tuple(lengths.shape)}")
-    if w_ih.dim() != 2 or w_ih.shape[0] % 4 != 0:
-        raise ValueError(f"w_ih must have shape (4n, I), got {tuple(w_ih.shape)}")
-    n = w_ih.shape[0] // 4
-    if w_ih.shape[1] != i:
-        raise ValueError(f"w_ih must have shape (4n, I) = ({4 * n}, {i}) for x with I = {i} features, "
-                         f"got {tuple(w_ih.shape)}")
-    p = w_proj.shape[0] if w_proj is not None and w_proj.dim() == 2 else n
-    if w_proj is not None and tuple(w_proj.shape) != (p, n):
-        raise ValueError(f"w_proj must have shape (P, n) with n = {n}, got {tuple(w_proj.shape)}")
-    if tuple(w_hh.shape) != (4 * n, p):
-        raise ValueError(f"w_hh must have shape (4n, P) = {(4 * n, p)}, got {tuple(w_hh.shape)}")
-    if bias is not None and tuple(bias.shape) != (4 * n,):
-        raise ValueError(f"bias must have shape (4n,) = ({4 * n},), got {tuple(bias.shape)}")
-    if tuple(h0.shape) != (b, p):
-        raise ValueError(f"h0 must have shape (B, P) = {(b, p)}, got {tuple(h0.shape)}")
-    if tuple(c0.shape) != (b, n):
-        raise ValueError(f"c0 must have shape (B, n) = {(b, n)}, got {tuple(c0.shape)}")
-    for value, name in ((w_ih, "w_ih"), (w_hh, "w_hh"), (bias, "bias"), (w_proj, "w_proj"), (h0, "h0"), (c0, "c0")):
-        if value is not None:
-            _check_like(value, x, name, "x")
-    if not torch.compiler.is_compiling() and b > 0:  # value checks would break a compiled graph
-        low, high = int(lengths.min()), int(lengths.max())
-        if low < 0 or high > t:
-            raise ValueError(f"lengths must lie in [0, T] = [0, {t}], got values in [{low}, {high}]")
+    x, lengths, w_ih, w_hh, bias, w_proj, h0, c0 = _check_direction(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0)
     cell = _check_clip(cell_clip, "cell_clip")
     proj = _check_clip(proj_clip, "proj_clip")
     save = _needs_grad(x, w_ih, w_hh, h0, c0, *(v for v in (bias, w_proj) if v is not None))
     out, h_n, c_n, _ = torch.ops.elmo_fast.lstm_projection(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell, proj,
                                                            bool(reverse), save)
     return out, h_n, c_n
+
+
+def lstm_bidirectional(x, lengths: torch.Tensor, weights, h0, c0, cell_clip: Optional[float] = None,
+                       proj_clip: Optional[float] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor],
+                                                                    List[torch.Tensor]]:
+    """Both directions of one layer: lstm_projection forward and reversed, in one op so that the CPU
+    can run the two side by side when that is faster on this machine (ELMO_FAST_CPU_DIRECTIONS).
+
+    x: one (B, T, I) tensor both directions read (torch.nn.LSTM), or a pair (forward's, reverse's
+    input: ELMo's two stacks); weights: a pair of (w_ih, w_hh, bias, w_proj) tuples; h0, c0: pairs.
+    Returns ([out_fwd, out_rev], [h_n_fwd, h_n_rev], [c_n_fwd, c_n_rev]), each as lstm_projection's.
+    """
+    xs = [x, x] if isinstance(x, torch.Tensor) else list(x)
+    for value, name in ((xs, "x"), (weights, "weights"), (h0, "h0"), (c0, "c0")):
+        if isinstance(value, torch.Tensor) or len(value) != 2:
+            raise ValueError(f"{name} must be a pair (forward, reverse)" + (" or one tensor" if name == "x" else ""))
+    checked = []
+    for i, where in enumerate(("forward ", "reverse ")):
+        if len(weights[i]) != 4:
+            raise ValueError(f"weights[{i}] must be (w_ih, w_hh, bias, w_proj), got {len(weights[i])} items")
+        checked.append(_check_direction(xs[i], lengths, *weights[i], h0[i], c0[i], where=where, check_lengths=i == 0))
+    (xf, lengths, *wf), (xb, _, *wb) = checked
+    _check_like(xb, xf, "reverse x", "forward x")
+    if xf.shape[:2] != xb.shape[:2]:
+        raise ValueError(f"forward and reverse x must share (B, T), got {tuple(xf.shape)} and {tuple(xb.shape)}")
+    for k, name in ((2, "bias"), (3, "w_proj")):
+        if (wf[k] is None) != (wb[k] is None):  # autograd sees a Tensor?[] holding a None as no tensor
+            raise ValueError(f"{name} must be given for both directions or for neither")
+    cell = _check_clip(cell_clip, "cell_clip")
+    proj = _check_clip(proj_clip, "proj_clip")
+    pairs = [[wf[k], wb[k]] for k in range(6)]  # w_ih, w_hh, bias, w_proj, h0, c0
+    save = _needs_grad(xf, xb, *(v for pair in pairs for v in pair if v is not None))
+    out, h_n, c_n, _ = torch.ops.elmo_fast.lstm_bidirectional([xf, xb], lengths, *pairs, cell, proj, save)
+    return list(out), list(h_n), list(c_n)

@@ -5,6 +5,7 @@
 #include <tuple>
 #include <vector>
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
@@ -25,6 +26,20 @@ lstm_projection_backward_cpu(const at::Tensor& grad_out, const at::Tensor& grad_
                              const at::Tensor& w_hh, const std::optional<at::Tensor>& w_proj, const at::Tensor& h0,
                              const at::Tensor& c0, const at::Tensor& out, const at::Tensor& activations,
                              bool has_bias, double cell_clip, double proj_clip, bool reverse);
+
+// Both directions of a layer (lists of 2: forward, reverse), one after the other or side by side.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+lstm_bidirectional_cpu(at::TensorList x, const at::Tensor& lengths, at::TensorList w_ih, at::TensorList w_hh,
+                       const c10::List<std::optional<at::Tensor>>& bias,
+                       const c10::List<std::optional<at::Tensor>>& w_proj, at::TensorList h0, at::TensorList c0,
+                       double cell_clip, double proj_clip, bool save_activations);
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+lstm_bidirectional_backward_cpu(at::TensorList grad_out, at::TensorList grad_h_n, at::TensorList grad_c_n,
+                                at::TensorList x, const at::Tensor& lengths, at::TensorList w_ih,
+                                at::TensorList w_hh, const c10::List<std::optional<at::Tensor>>& w_proj,
+                                at::TensorList h0, at::TensorList c0, at::TensorList out,
+                                at::TensorList activations, bool has_bias, double cell_clip, double proj_clip);
 
 // char_ids (N, C) int64; embedding (V, d); weight[i] (m_i, d, w_i); bias[i] (m_i,). Returns out (N, F)
 // and, when save_activations, the winning window start per (token, filter) as int16 (N, F); else (0, 0).

@@ -1,7 +1,9 @@
 // CUDA lstm_projection op: ATen tensors -> the torch-free pointwise kernels of lstm.cu, on the
 // current stream of the input's device; the time loops are common/lstm_driver.h's, the GEMMs run
 // through common/linear.h (cuBLAS via ATen). Cell state and saved activations are float32.
+#include <functional>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +13,7 @@
 #include <torch/library.h>
 
 #include "common/lstm_driver.h"
+#include "common/lstm_pair.h"
 #include "cuda/dispatch.h"
 #include "elmo_fast/lstm_launch.h"
 
@@ -83,10 +86,37 @@ lstm_projection_backward_cuda(const at::Tensor& grad_out, const at::Tensor& grad
                               has_bias, cell_clip, proj_clip, reverse, CudaLstmPointwise{});
 }
 
+// The directions run one after the other on the current stream. (Two streams could overlap them; not
+// done until a GPU session measures whether the stepwise kernels leave the GPU idle enough to pay.)
+void run_in_order(const std::string&, double, const std::function<void(int)>& job) {
+  job(0);
+  job(1);
+}
+
+std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> lstm_bidirectional_cuda(
+    at::TensorList x, const at::Tensor& lengths, at::TensorList w_ih, at::TensorList w_hh, const OptTensorList& bias,
+    const OptTensorList& w_proj, at::TensorList h0, at::TensorList c0, double cell_clip, double proj_clip,
+    bool save_activations) {
+  return lstm_pair_forward(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, save_activations,
+                           lstm_projection_cuda, run_in_order);
+}
+
+std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, TensorVec, TensorVec, TensorVec>
+lstm_bidirectional_backward_cuda(at::TensorList grad_out, at::TensorList grad_h_n, at::TensorList grad_c_n,
+                                 at::TensorList x, const at::Tensor& lengths, at::TensorList w_ih,
+                                 at::TensorList w_hh, const OptTensorList& w_proj, at::TensorList h0,
+                                 at::TensorList c0, at::TensorList out, at::TensorList activations, bool has_bias,
+                                 double cell_clip, double proj_clip) {
+  return lstm_pair_backward(grad_out, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_proj, h0, c0, out, activations,
+                            has_bias, cell_clip, proj_clip, lstm_projection_backward_cuda, run_in_order);
+}
+
 }  // namespace
 }  // namespace elmo_fast
 
 TORCH_LIBRARY_IMPL(elmo_fast, CUDA, m) {
   m.impl("lstm_projection", &elmo_fast::lstm_projection_cuda);
   m.impl("lstm_projection_backward", &elmo_fast::lstm_projection_backward_cuda);
+  m.impl("lstm_bidirectional", &elmo_fast::lstm_bidirectional_cuda);
+  m.impl("lstm_bidirectional_backward", &elmo_fast::lstm_bidirectional_backward_cuda);
 }

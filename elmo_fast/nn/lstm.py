@@ -102,15 +102,17 @@ class LSTM(nn.Module):
         h_n, c_n = [], []
         layer_in = x
         for layer in range(L):
-            outs = []
-            for d in range(D):
-                k = layer * D + d
-                w_ih, w_hh, bias, w_proj = self._weights(k)
-                out, h, c = F.lstm_projection(layer_in, lengths, w_ih, w_hh, bias, w_proj, h0[k], c0[k],
-                                              self.cell_clip, self.proj_clip, reverse=d == 1)
-                outs.append(out)
-                h_n.append(h)
-                c_n.append(c)
+            k = layer * D
+            if D == 1:
+                out, h, c = F.lstm_projection(layer_in, lengths, *self._weights(k), h0[k], c0[k], self.cell_clip,
+                                              self.proj_clip)
+                outs, hs, cs = [out], [h], [c]
+            else:  # one op for both directions, so the CPU may run them side by side
+                outs, hs, cs = F.lstm_bidirectional(layer_in, lengths, [self._weights(k), self._weights(k + 1)],
+                                                    [h0[k], h0[k + 1]], [c0[k], c0[k + 1]], self.cell_clip,
+                                                    self.proj_clip)
+            h_n += hs
+            c_n += cs
             layer_in = outs[0] if D == 1 else torch.cat(outs, dim=-1)
             if self.dropout > 0 and self.training and layer < L - 1:
                 layer_in = nn.functional.dropout(layer_in, self.dropout, training=True)
@@ -170,6 +172,11 @@ class LstmCellWithProjection(nn.Module):
             self.state_linearity.bias.zero_()
             self.state_linearity.bias[self.cell_size:2 * self.cell_size] = 1.0
 
+    def weights(self):
+        """(w_ih, w_hh, bias, w_proj) in lstm_projection's order."""
+        return (self.input_linearity.weight, self.state_linearity.weight, self.state_linearity.bias,
+                self.state_projection.weight)
+
     def forward(self, inputs: torch.Tensor, batch_lengths, initial_state=None):
         B = inputs.shape[0]
         lengths = torch.as_tensor(batch_lengths, dtype=torch.int64, device="cpu")
@@ -178,8 +185,6 @@ class LstmCellWithProjection(nn.Module):
             c0 = inputs.new_zeros(B, self.cell_size)
         else:
             h0, c0 = initial_state[0].squeeze(0).contiguous(), initial_state[1].squeeze(0).contiguous()
-        out, h, c = F.lstm_projection(inputs, lengths, self.input_linearity.weight, self.state_linearity.weight,
-                                      self.state_linearity.bias, self.state_projection.weight, h0, c0,
-                                      self.memory_cell_clip_value, self.state_projection_clip_value,
-                                      reverse=not self.go_forward)
+        out, h, c = F.lstm_projection(inputs, lengths, *self.weights(), h0, c0, self.memory_cell_clip_value,
+                                      self.state_projection_clip_value, reverse=not self.go_forward)
         return out, (h.unsqueeze(0), c.unsqueeze(0))

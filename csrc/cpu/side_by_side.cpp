@@ -1,0 +1,154 @@
+// Note [side by side]
+// The two directions of an LSTM layer are independent chains of small GEMMs. With two or more intra-op
+// threads there are two ways to run them: one after the other, every GEMM split over all threads, or
+// side by side, each direction on one thread. Which wins depends on the machine, not the code: on
+// one of our 2-core machines two threads ran a GEMM 3x slower than one, on another (this Zen 4) they
+// scale almost perfectly and the split gains ~3%, and at batch 1 (GEMV-like steps) it loses. So in
+// "auto" the choice is measured per shape class and thread count: the first kWarmup calls run one
+// after the other untimed (they pay for packing weights, cpu/gemm.cpp), then kTrials calls of each
+// way alternate, and from then on the faster way runs (still timed; each way keeps its best).
+//
+// Side by side is an at::parallel_for over the two jobs: inside it ATen's own parallel_for runs
+// inline, and oneDNN and MKL see an active OpenMP region and run on the calling thread, so each job
+// gets exactly one thread and nothing is oversubscribed. With more than two threads the others idle
+// for that call; the measurement then usually prefers one after the other. The jobs run on OpenMP
+// worker threads, which do not inherit the caller's thread-local state (grad mode, dispatch keys
+// excluded below autograd): it is copied in, or the jobs' ATen calls would try to record autograd.
+#include "cpu/side_by_side.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <sstream>
+
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <c10/util/Exception.h>
+
+namespace elmo_fast::cpu_pair {
+namespace {
+
+enum class Mode : int { kAuto = 0, kConcurrent = 1, kSerial = 2 };
+
+constexpr int kWarmup = 2;
+constexpr int kTrials = 2;
+// Below this many FLOPs per job (about 1 ms of GEMM) the two ways differ by less than the noise.
+constexpr double kMinAutoFlops = 1e8;
+
+Mode parse_mode(const std::string& s, const char* what) {
+  if (s == "auto") return Mode::kAuto;
+  if (s == "concurrent") return Mode::kConcurrent;
+  if (s == "serial") return Mode::kSerial;
+  TORCH_CHECK(false, what, " must be 'auto', 'concurrent' or 'serial', got '", s, "'");
+}
+
+std::atomic<int> g_mode{-1};
+
+Mode mode() {
+  int m = g_mode.load(std::memory_order_relaxed);
+  if (m < 0) {
+    const char* env = std::getenv("ELMO_FAST_CPU_DIRECTIONS");
+    m = static_cast<int>(env != nullptr && *env != '\0' ? parse_mode(env, "ELMO_FAST_CPU_DIRECTIONS") : Mode::kAuto);
+    g_mode.store(m, std::memory_order_relaxed);
+  }
+  return static_cast<Mode>(m);
+}
+
+struct Record {
+  int calls = 0, serial_runs = 0, concurrent_runs = 0;
+  double best_serial = std::numeric_limits<double>::infinity();
+  double best_concurrent = std::numeric_limits<double>::infinity();
+};
+
+std::mutex g_mutex;
+std::map<std::string, Record> g_records;
+
+struct Choice {
+  bool side_by_side = false, timed = false;
+};
+
+Choice choose(const std::string& key, double flops, int threads) {
+  if (threads < 2 || at::in_parallel_region()) return {};
+  switch (mode()) {
+    case Mode::kSerial:
+      return {};
+    case Mode::kConcurrent:
+      return {true, false};
+    case Mode::kAuto:
+      break;
+  }
+  if (flops < kMinAutoFlops) return {};
+  std::lock_guard<std::mutex> lock(g_mutex);
+  Record& r = g_records[key];
+  if (r.calls++ < kWarmup) return {};
+  if (r.serial_runs < kTrials || r.concurrent_runs < kTrials) return {r.concurrent_runs <= r.serial_runs, true};
+  return {r.best_concurrent < r.best_serial, true};
+}
+
+void record(const std::string& key, bool side_by_side, double seconds) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  Record& r = g_records[key];
+  if (side_by_side) {
+    ++r.concurrent_runs;
+    r.best_concurrent = std::min(r.best_concurrent, seconds);
+  } else {
+    ++r.serial_runs;
+    r.best_serial = std::min(r.best_serial, seconds);
+  }
+}
+
+}  // namespace
+
+void run(const std::string& key, double flops, const std::function<void(int)>& job) {
+  const int threads = at::get_num_threads();
+  const std::string full_key = key + "/threads=" + std::to_string(threads);
+  const Choice choice = choose(full_key, flops, threads);
+  const auto start = std::chrono::steady_clock::now();
+  if (choice.side_by_side) {
+    const at::ThreadLocalState state;
+    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard guard(state);
+      for (int64_t i = begin; i < end; ++i) job(static_cast<int>(i));
+    });
+  } else {
+    job(0);
+    job(1);
+  }
+  if (choice.timed) {
+    record(full_key, choice.side_by_side,
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+}
+
+void set_mode(const std::string& m) {
+  g_mode.store(static_cast<int>(parse_mode(m, "elmo_fast CPU directions mode")), std::memory_order_relaxed);
+}
+
+std::string info_json() {
+  static const char* names[] = {"auto", "concurrent", "serial"};
+  std::ostringstream s;
+  s << "{\"mode\": \"" << names[static_cast<int>(mode())] << "\", \"threads\": " << at::get_num_threads()
+    << ", \"decisions\": {";
+  std::lock_guard<std::mutex> lock(g_mutex);
+  bool first = true;
+  for (const auto& [key, r] : g_records) {
+    const bool decided = r.serial_runs >= kTrials && r.concurrent_runs >= kTrials;
+    s << (first ? "" : ", ") << "\"" << key << "\": {\"serial_ms\": "
+      << (r.serial_runs ? r.best_serial * 1e3 : -1.0) << ", \"concurrent_ms\": "
+      << (r.concurrent_runs ? r.best_concurrent * 1e3 : -1.0) << ", \"choice\": \""
+      << (!decided ? "measuring" : r.best_concurrent < r.best_serial ? "concurrent" : "serial") << "\"}";
+    first = false;
+  }
+  s << "}}";
+  return s.str();
+}
+
+void reset() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_records.clear();
+}
+
+}  // namespace elmo_fast::cpu_pair
