@@ -3,7 +3,12 @@
 // CUDA implementations register themselves in csrc/cuda/*_glue.cpp.
 #include <Python.h>
 
+#include <mutex>
+#include <set>
+#include <thread>
+
 #include <ATen/Config.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/ops_cpu.h"
@@ -62,6 +67,24 @@ TORCH_LIBRARY(elmo_fast, m) {
       " Tensor windows, str activation) -> (Tensor, Tensor[], Tensor[])");
 }
 
+namespace {
+
+// How many distinct threads run an at::parallel_for of `iterations` in our code: proof that our
+// translation units were built with OpenMP (else ATen's inline parallel_for is a serial loop).
+int64_t parallel_for_threads(int64_t iterations) {
+  std::mutex mutex;
+  std::set<std::thread::id> ids;
+  at::parallel_for(0, iterations, 1, [&](int64_t, int64_t) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    ids.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(ids.size());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(elmo_fast, m) { m.def("_parallel_for_threads(int iterations) -> int", &parallel_for_threads); }
+
 TORCH_LIBRARY_IMPL(elmo_fast, CPU, m) {
   m.impl("highway", &elmo_fast::highway_cpu);
   m.impl("highway_backward", &elmo_fast::highway_backward_cpu);
@@ -87,6 +110,12 @@ int add_bool(PyObject* dict, const char* key, bool value) {
   return PyDict_SetItemString(dict, key, value ? Py_True : Py_False);
 }
 
+#if defined(_OPENMP) && AT_PARALLEL_OPENMP
+constexpr bool kOpenMP = true;  // our own at::parallel_for loops run on torch's OpenMP threads
+#else
+constexpr bool kOpenMP = false;
+#endif
+
 // What this binary was built with; elmo_fast.build_info() adds the package version.
 PyObject* build_info(PyObject*, PyObject*) {
   PyObject* d = PyDict_New();
@@ -104,7 +133,7 @@ PyObject* build_info(PyObject*, PyObject*) {
   const char* compiler = "unknown";
 #endif
   if (add_str(d, "torch", ELMO_FAST_TORCH_VERSION) || add_bool(d, "cuda", cuda) ||
-      add_str(d, "cuda_arch", ELMO_FAST_CUDA_ARCHS) || add_bool(d, "openmp", AT_PARALLEL_OPENMP != 0) ||
+      add_str(d, "cuda_arch", ELMO_FAST_CUDA_ARCHS) || add_bool(d, "openmp", kOpenMP) ||
       add_str(d, "compiler", compiler) || add_str(d, "cplusplus", std::to_string(__cplusplus).c_str())) {
     Py_DECREF(d);
     return nullptr;

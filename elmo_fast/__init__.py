@@ -11,7 +11,7 @@ def build_info() -> dict:
     """What the installed extension was built with.
 
     Keys: version (package), torch (the torch it was compiled against), cuda (bool), cuda_arch
-    (list of TORCH_CUDA_ARCH_LIST entries), openmp (bool: ATen's OpenMP backend), compiler, cplusplus.
+    (list of TORCH_CUDA_ARCH_LIST entries), openmp (bool: our kernels' loops run on torch's OpenMP threads), compiler, cplusplus.
     """
     info = dict(_ops._C.build_info())
     info["cuda_arch"] = [a for a in info.get("cuda_arch", "").replace(" ", ";").split(";") if a]

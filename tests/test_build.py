@@ -18,8 +18,24 @@ def test_build_info_reports_the_build():
     assert bool(info["cuda_arch"]) == info["cuda"]
 
 
+def test_kernels_run_on_torchs_threads():
+    """Our at::parallel_for loops use torch's OpenMP threads (built with -fopenmp, one OpenMP runtime)."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend is not OpenMP")
+    assert elmo_fast.build_info()["openmp"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.ops.elmo_fast._parallel_for_threads(64) == 1
+        torch.set_num_threads(2)
+        assert torch.ops.elmo_fast._parallel_for_threads(64) == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_every_op_has_a_cpu_kernel():
-    for op in ["highway", "highway_backward"]:
+    for op in ["highway", "highway_backward", "lstm_projection", "lstm_projection_backward", "lstm_bidirectional",
+               "lstm_bidirectional_backward", "char_cnn", "char_cnn_backward"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"elmo_fast::{op}", "CPU"), op
 
 
