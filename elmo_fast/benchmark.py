@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from elmo_fast import bench_data, functional, reference
+from elmo_fast import bench_data, functional, gemm_floor, reference
 
 # Published model sizes (spec §1): LSTM cell size n, projection P, highway layers; all share the
 # 2048-filter char-CNN (F = 2048).
@@ -123,6 +123,10 @@ def _grad_runner(fn, inputs, backward):
     return run
 
 
+# A pseudo-implementation timed beside the others on the CPU (forward): the unavoidable GEMMs, each
+# on its fastest path (elmo_fast/gemm_floor.py). elmo_fast's time over it is the overhead left.
+GEMM_FLOOR = "gemm floor"
+
 # The device every case builds its tensors on; run() sets it for the duration of a run.
 _DEVICE = ["cpu"]
 
@@ -191,10 +195,12 @@ def _lstm_case(model: str, batch: int, words: int, dtype: torch.dtype, backward:
         native.weight_hr_l0.copy_(w_proj)
     native.requires_grad_(backward)
     args = (x, lengths, w_ih, w_hh, bias, w_proj, h0, c0)
-    return batch * steps, {
-        "reference": _grad_runner(lambda: reference.lstm_projection(*args)[0], inputs, backward),
-        "torch.nn.LSTM": _grad_runner(lambda: native(x)[0], [x, *native.parameters()], backward),
-        "elmo_fast": _grad_runner(lambda: functional.lstm_projection(*args)[0], inputs, backward)}
+    impls = {"reference": _grad_runner(lambda: reference.lstm_projection(*args)[0], inputs, backward),
+             "torch.nn.LSTM": _grad_runner(lambda: native(x)[0], [x, *native.parameters()], backward),
+             "elmo_fast": _grad_runner(lambda: functional.lstm_projection(*args)[0], inputs, backward)}
+    if _DEVICE[0] == "cpu" and not backward:
+        impls[GEMM_FLOOR] = gemm_floor.floor_runner(gemm_floor.lstm_gemms([steps] * batch, p, n, p), dtype)
+    return batch * steps, impls
 
 
 def _elmo_case(model: str, batch: int, words: int, dtype: torch.dtype, backward: bool, text: str = "english"):
@@ -211,9 +217,17 @@ def _elmo_case(model: str, batch: int, words: int, dtype: torch.dtype, backward:
                  for k, v in state.items()}
     fast_inputs = list(module.parameters())
     ref_inputs = list(ref_state.values())
-    return batch * words, {
-        "reference": _grad_runner(lambda: reference.elmo_bilm(ids, ref_state, options)[0][-1], ref_inputs, backward),
-        "elmo_fast": _grad_runner(lambda: module(ids)["activations"][-1], fast_inputs, backward)}
+    impls = {"reference": _grad_runner(lambda: reference.elmo_bilm(ids, ref_state, options)[0][-1], ref_inputs,
+                                       backward),
+             "elmo_fast": _grad_runner(lambda: module(ids)["activations"][-1], fast_inputs, backward)}
+    if _DEVICE[0] == "cpu" and not backward:
+        with_boundaries, mask = reference.add_sentence_boundaries(ids.cpu())
+        distinct = torch.unique(with_boundaries[mask.bool()], dim=0).shape[0]
+        m = MODELS[model]
+        gemms = gemm_floor.elmo_gemms(distinct, mask.sum(-1).tolist(), m["n_highway"], NUM_FILTERS, m["dim"],
+                                      m["projection_dim"])
+        impls[GEMM_FLOOR] = gemm_floor.floor_runner(gemms, dtype)
+    return batch * words, impls
 
 
 CASES = {"highway": _highway_case, "char_cnn": _char_cnn_case, "lstm_projection": _lstm_case,

@@ -47,3 +47,23 @@ def test_plot_is_written(tmp_path):
     path = tmp_path / "speedup.png"
     assert bench_plot.plot_speedups(results, str(path)) is None
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gemm_floor_lists_the_unavoidable_products():
+    from elmo_fast import gemm_floor
+
+    # rows of lengths 3, 1, 0: the input GEMM over 4 valid steps; step 0 has 2 active rows, steps 1-2 one.
+    assert sorted(gemm_floor.lstm_gemms([3, 1, 0], 4, 5, 2)) == sorted(
+        [(4, 4, 20, 1), (2, 2, 20, 1), (2, 5, 2, 1), (1, 2, 20, 2), (1, 5, 2, 2)])
+    elmo = gemm_floor.elmo_gemms(7, [2, 2], n_highway=2, filters=8, cell=5, proj=2)
+    assert elmo[:2] == [(7, 8, 16, 2), (7, 8, 2, 1)] and len(elmo) == 2 + 4 * 3
+    flops = sum(2 * m * k * n * c for m, k, n, c in gemm_floor.lstm_gemms([22] * 16, 512, 4096, 512))
+    assert flops == 2 * 16 * 22 * (512 * 16384 * 2 + 4096 * 512)  # the LSTM layer-direction's dense count
+
+
+def test_driver_times_the_gemm_floor_beside_the_lstm():
+    results = benchmark.run(["lstm_projection"], ["small"], [(2, 3)], [1], ["forward"], repeats=1,
+                            progress=lambda line: None)
+    impls = {r.impl: r for r in results}
+    assert set(impls) == {"reference", "torch.nn.LSTM", "elmo_fast", benchmark.GEMM_FLOOR}
+    assert 0 < impls[benchmark.GEMM_FLOOR].median_s
