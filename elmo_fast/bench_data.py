@@ -55,16 +55,22 @@ def random_sentences(batch: int, words: int, seed: int = 0) -> List[List[str]]:
             for _ in range(batch)]
 
 
+def published_model_options(model: str) -> Dict:
+    """synthetic.write_elmo_files keyword arguments for a published model size."""
+    from elmo_fast.synthetic import PUBLISHED_FILTERS, published_options
+
+    options = published_options(model)
+    return dict(filters=PUBLISHED_FILTERS, char_dim=16, n_highway=options["char_cnn"]["n_highway"],
+                dim=options["lstm"]["dim"], projection_dim=options["lstm"]["projection_dim"], n_layers=2)
+
+
 @functools.lru_cache(maxsize=None)
 def model_files(model: str) -> Tuple[str, str]:
     """(options_file, weight_file) of a published model size with random weights."""
-    from elmo_fast.synthetic import PUBLISHED_FILTERS, published_options, write_elmo_files
+    from elmo_fast.synthetic import write_elmo_files
 
-    lstm = published_options(model)["lstm"]
     directory = tempfile.mkdtemp(prefix=f"elmo_fast_bench_{model}_")
-    return write_elmo_files(directory, filters=PUBLISHED_FILTERS, char_dim=16,
-                            n_highway=published_options(model)["char_cnn"]["n_highway"], dim=lstm["dim"],
-                            projection_dim=lstm["projection_dim"], n_layers=2, name=model)
+    return write_elmo_files(directory, name=model, **published_model_options(model))
 
 
 @functools.lru_cache(maxsize=None)
