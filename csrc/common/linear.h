@@ -51,7 +51,9 @@ inline void matmul_nt_into(at::Tensor& out, const at::Tensor& x, const at::Tenso
 }
 
 // a^T @ b as a new tensor; a (M, N), b (M, K) -> (N, K): the weight gradient of a linear layer.
-// No constant operand to pack, so at::mm on every device (MKL/oneDNN inside torch choose).
+// No constant operand to pack, so at::mm on every device (MKL/oneDNN inside torch choose). Every
+// route to torch's oneDNN was measured no faster at ELMo's shapes (it must copy a^T; bf16 mm already
+// is oneDNN): bench/results/cpu-gemm-weight-grad-2026-11-25.md.
 inline at::Tensor matmul_tn(const at::Tensor& a, const at::Tensor& b) { return at::mm(a.t(), b); }
 
 }  // namespace elmo_fast
