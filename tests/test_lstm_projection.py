@@ -306,3 +306,23 @@ def test_lstm_projection_cpp_checks_are_last_defence():
     with pytest.raises(RuntimeError, match="lengths"):
         torch.ops.elmo_fast.lstm_projection(a["x"], torch.tensor([9, 1]), a["w_ih"], a["w_hh"], a["bias"],
                                             a["w_proj"], a["h0"], a["c0"], 0.0, 0.0, False, False)
+
+
+@pytest.mark.parametrize("gemm", ["mm", "onednn"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inference_input_gemm_in_chunks(dtype, gemm):
+    """Note [chunked input GEMM]: without grad, more packed rows than a chunk (1024 here) run the input
+    GEMM chunk by chunk on oneDNN's own results; same numbers as the saved, one-GEMM path."""
+    gen = torch.Generator().manual_seed(21)
+    t, lens = make_case(gen, 3, 400, 4, 5, 3, [400, 350, 300], dtype=dtype)
+    try:
+        torch.ops.elmo_fast._set_cpu_gemm(gemm)
+        with torch.no_grad():
+            chunked = run(F.lstm_projection, t, lens, 0.6, 0.4, True)
+        whole = run(F.lstm_projection, t, lens, 0.6, 0.4, True)  # inputs require grad: saved, one GEMM
+    finally:
+        torch.ops.elmo_fast._set_cpu_gemm("auto")
+    want = run(R.lstm_projection, detached(t), lens, 0.6, 0.4, True)
+    for c, w, e in zip(chunked, whole, want):
+        assert_close_verbose(c, w.detach(), **TOL[dtype])
+        assert_close_verbose(c, e.detach(), **TOL[dtype])

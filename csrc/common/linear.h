@@ -24,6 +24,16 @@ inline void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   }
 }
 
+// x @ weight^T + bias (bias undefined: none) as a new contiguous (M, N) tensor, for a product used
+// once: on the CPU it is oneDNN's own output, with no copy into a caller's buffer. (Not named
+// `linear`: argument-dependent lookup would find at::linear.)
+inline at::Tensor linear_once(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  if (x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16)) {
+    return cpu_gemm::linear_once(x, weight, bias);
+  }
+  return bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+}
+
 // out += a @ b; a (M, K), b (K, N) the weight used untransposed (backward's dx = d_proj @ W), out (M, N).
 inline void add_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (cpu_gemm::handles(out)) return cpu_gemm::add_matmul_into(out, a, b);

@@ -2,8 +2,11 @@
 // linear.h, row bookkeeping through lstm_plan.h (Note [LSTM packing]), the per-element work through
 // a device backend `Pointwise` (all tensors are row blocks of contiguous buffers; "acc" tensors have
 // the arithmetic dtype: float for half/bfloat16 storage, else the storage dtype):
-//   forward(z, gates, c, c_save, m, cell_clip, out_clip)
-//       z (A, 4n) pre-activations; gates (A, 4n) acc or undefined: activated gates (may alias z);
+//   kSumsRecurrent (static constexpr bool): the backend takes the recurrent product apart (below)
+//   forward(z, z_rec, gates, c, c_save, m, cell_clip, out_clip)
+//       z (A, 4n) pre-activations; z_rec (A, 4n) or undefined: the recurrent GEMM's product, added to
+//       z in the pass (only when kSumsRecurrent; else the driver has added it into z);
+//       gates (A, 4n) acc or undefined: activated gates (may alias z);
 //       c (A, n) acc in/out; c_save (A, n) acc or undefined: copy of the new c; m (A, n) = o tanh(c)
 //   clip(h, limit)                                  in place
 //   proj_backward(dh, d, h, proj_clip)             d = (dh + d) where the clip of h passed, else 0
@@ -37,6 +40,14 @@
 namespace elmo_fast {
 
 constexpr int64_t kLstmInputChunkRows = 1024;  // Note [chunked input GEMM]
+// Note [fresh products]
+// On the CPU, oneDNN's GEMM returns a new tensor (no out= variant). Copying it into a buffer costs
+// ~4% of an fp32 biLM forward, so where a product is consumed once the driver keeps oneDNN's tensor
+// itself (linear_once): the inference input GEMM of each chunk, and (backends with kSumsRecurrent)
+// the recurrent product, which the pointwise pass adds to z in float (oneDNN's fused "add" epilogue
+// was 12% slower than a plain product in bf16). Chunks stay under kFreshBytes, the largest block
+// glibc reuses from its heap; larger ones would page-fault in fresh memory on every call.
+constexpr int64_t kFreshBytes = int64_t{32} << 20;
 
 struct LstmDims {
   int64_t B, T, I, n, P;
@@ -98,9 +109,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_driver(
     const at::Tensor x2 = x.view({B * T, d.I});
     const at::Tensor gates_all = save ? act.narrow(0, 0, total * 4 * n).view({total, 4 * n}) : at::Tensor();
     const at::Tensor c_all = save ? act.narrow(0, B * T * 4 * n, total * n).view({total, n}) : at::Tensor();
-    // g holds the input pre-activations of steps [s, chunk_end), row r of g = packed row g_base + r.
-    const int64_t g_rows = save ? total : std::min(total, std::max(kLstmInputChunkRows, B));
-    at::Tensor g = save && same ? gates_all : at::empty({g_rows, 4 * n}, x.options());
+    // g holds the input pre-activations of steps [s, chunk_end), row r of g = packed row g_base + r:
+    // when saving, all steps in the saved gates (or one buffer); else each chunk's own GEMM result
+    // (Note [fresh products]).
+    const int64_t fresh_rows =
+        std::min(kLstmInputChunkRows, std::max<int64_t>(1, kFreshBytes / (4 * n * x.element_size())));
+    const int64_t g_rows = save ? total : std::min(total, std::max(fresh_rows, B));
+    at::Tensor g = !save ? at::Tensor() : same ? gates_all : at::empty({g_rows, 4 * n}, x.options());
     int64_t g_base = 0, chunk_end = 0;
     at::Tensor m_buf = has_proj ? at::empty({B, n}, x.options()) : at::Tensor();
     const double out_clip = has_proj ? 0.0 : proj_clip;  // without projection the clip applies to m = h
@@ -109,16 +124,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_driver(
         while (chunk_end < plan.steps && plan.offset[chunk_end + 1] - plan.offset[s] <= g_rows) ++chunk_end;
         g_base = plan.offset[s];
         const int64_t rows = plan.offset[chunk_end] - g_base;
-        at::Tensor gc = g.narrow(0, 0, rows);
-        linear_into(gc, x2.index_select(0, plan.pack_index.narrow(0, g_base, rows)), w_ih, bias);
+        const at::Tensor xs = x2.index_select(0, plan.pack_index.narrow(0, g_base, rows));
+        if (save) {
+          at::Tensor gc = g.narrow(0, 0, rows);
+          linear_into(gc, xs, w_ih, bias);
+        } else {
+          g = linear_once(xs, w_ih, bias);
+        }
       }
       const int64_t a = plan.active[s], off = plan.offset[s];
       at::Tensor z = g.narrow(0, off - g_base, a);
       const at::Tensor h_prev = s == 0 ? hbuf.narrow(0, 0, a) : hbuf.narrow(0, B + plan.offset[s - 1], a);
-      add_linear_into(z, h_prev, w_hh);
+      at::Tensor z_rec;
+      if constexpr (Pointwise::kSumsRecurrent) {
+        z_rec = linear_once(h_prev, w_hh, at::Tensor());
+      } else {
+        add_linear_into(z, h_prev, w_hh);
+      }
       at::Tensor h = hbuf.narrow(0, B + off, a);
       at::Tensor m = has_proj ? m_buf.narrow(0, 0, a) : h;
-      pw.forward(z, save ? gates_all.narrow(0, off, a) : at::Tensor(), c_state.narrow(0, 0, a),
+      pw.forward(z, z_rec, save ? gates_all.narrow(0, off, a) : at::Tensor(), c_state.narrow(0, 0, a),
                  save ? c_all.narrow(0, off, a) : at::Tensor(), m, cell_clip, out_clip);
       if (has_proj) {
         linear_into(h, m, w_proj, at::Tensor());

@@ -111,6 +111,16 @@ void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
   by_row_blocks(out, x, [&](const at::Tensor& xs, const at::Tensor&) { return onednn_linear(xs, packed, bias); });
 }
 
+at::Tensor linear_once(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  const at::Tensor packed = choose(weight, Orientation::kNK, x.size(0), weight.size(0), x.size(1));
+  if (!packed.defined()) {
+    count(kPathMm);
+    return bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+  }
+  count(kPathOnednn);
+  return onednn_linear(x, packed, bias);
+}
+
 void add_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const at::Tensor packed = choose(b, Orientation::kKN, a.size(0), b.size(1), a.size(1));
   if (!packed.defined()) {

@@ -17,6 +17,9 @@ inline bool handles(const at::Tensor& out) {
 
 // out = x @ weight^T + bias; x (M, K), weight (N, K), bias (N,) or undefined, out (M, N).
 void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+// x @ weight^T + bias as a new contiguous tensor: oneDNN's own result, no copy into a buffer (for
+// callers that consume the product once; keep it under ~32 MB, glibc's largest heap-reused block).
+at::Tensor linear_once(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 // out += a @ b; a (M, K), b (K, N) a constant (weight-like) operand, out (M, N).
 void add_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 // out += x @ weight^T; weight (N, K) a constant operand (packed as for linear_into).

@@ -29,11 +29,14 @@ T* ptr_or_null(const at::Tensor& t) {
 // type of the gates and the cell state (float for bfloat16: load T, compute float, store T).
 // gates may alias z (only when T == A) and m may alias nothing else; element u of a row only
 // touches index u of each block, so there is no loop-carried dependence.
-template <typename T, bool kSave, typename A = at::opmath_type<T>>
-__attribute__((always_inline)) inline void forward_rows(const T* z, A* gates, A* c, A* c_save, T* m, int64_t r0,
-                                                        int64_t r1, int64_t n, A cell_clip, A out_clip) {
+// z_rec (kRec): the recurrent product, added to z in A (Note [fresh products] in common/lstm_driver.h).
+template <typename T, bool kSave, bool kRec, typename A = at::opmath_type<T>>
+__attribute__((always_inline)) inline void forward_rows(const T* z, const T* z_rec, A* gates, A* c, A* c_save, T* m,
+                                                        int64_t r0, int64_t r1, int64_t n, A cell_clip,
+                                                        A out_clip) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* zr = z + r * 4 * n;
+    const T* qr = kRec ? z_rec + r * 4 * n : nullptr;
     A* gr = kSave ? gates + r * 4 * n : nullptr;
     A* cr = c + r * n;
     A* sr = kSave ? c_save + r * n : nullptr;
@@ -41,8 +44,14 @@ __attribute__((always_inline)) inline void forward_rows(const T* z, A* gates, A*
 #pragma GCC ivdep
     for (int64_t u = 0; u < n; ++u) {
       A gi, gf, gj, go, cu = cr[u];
-      mr[u] = T(lstm_point_forward(A(zr[u]), A(zr[n + u]), A(zr[2 * n + u]), A(zr[3 * n + u]), &cu, cell_clip,
-                                   out_clip, &gi, &gf, &gj, &go));
+      A zi = A(zr[u]), zf = A(zr[n + u]), zj = A(zr[2 * n + u]), zo = A(zr[3 * n + u]);
+      if (kRec) {
+        zi += A(qr[u]);
+        zf += A(qr[n + u]);
+        zj += A(qr[2 * n + u]);
+        zo += A(qr[3 * n + u]);
+      }
+      mr[u] = T(lstm_point_forward(zi, zf, zj, zo, &cu, cell_clip, out_clip, &gi, &gf, &gj, &go));
       cr[u] = cu;
       if (kSave) {
         gr[u] = gi;
@@ -56,13 +65,19 @@ __attribute__((always_inline)) inline void forward_rows(const T* z, A* gates, A*
 }
 
 template <typename T, typename A>
-__attribute__((always_inline)) inline void forward_rows_any_save(const T* z, A* gates, A* c, A* c_save, T* m,
-                                                                 int64_t r0, int64_t r1, int64_t n, A cell_clip,
-                                                                 A out_clip) {
+__attribute__((always_inline)) inline void forward_rows_any(const T* z, const T* z_rec, A* gates, A* c, A* c_save,
+                                                            T* m, int64_t r0, int64_t r1, int64_t n, A cell_clip,
+                                                            A out_clip) {
   if (gates != nullptr) {
-    forward_rows<T, true>(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
+    if (z_rec != nullptr) {
+      forward_rows<T, true, true>(z, z_rec, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
+    } else {
+      forward_rows<T, true, false>(z, z_rec, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
+    }
+  } else if (z_rec != nullptr) {
+    forward_rows<T, false, true>(z, z_rec, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
   } else {
-    forward_rows<T, false>(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
+    forward_rows<T, false, false>(z, z_rec, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);
   }
 }
 
@@ -110,9 +125,9 @@ __attribute__((always_inline)) inline void backward_rows_any_m(const T* dm, cons
 // float and bfloat16 get ISA clones (Note [CPU multiversioning]); double is for tests and stays generic.
 using bf16 = c10::BFloat16;
 #define EF_LSTM_ROWS(ATTR, T, A)                                                                                  \
-  ATTR void forward_rows_dispatch(const T* z, A* gates, A* c, A* c_save, T* m, int64_t r0, int64_t r1, int64_t n, \
-                                  A cell_clip, A out_clip) {                                                      \
-    forward_rows_any_save(z, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);                                \
+  ATTR void forward_rows_dispatch(const T* z, const T* z_rec, A* gates, A* c, A* c_save, T* m, int64_t r0,        \
+                                  int64_t r1, int64_t n, A cell_clip, A out_clip) {                               \
+    forward_rows_any(z, z_rec, gates, c, c_save, m, r0, r1, n, cell_clip, out_clip);                              \
   }                                                                                                               \
   ATTR void backward_rows_dispatch(const T* dm, const A* gates, const A* c, const A* c_prev, A* dc, T* dz, T* m,  \
                                    int64_t r0, int64_t r1, int64_t n, A cell_clip) {                              \
@@ -124,16 +139,19 @@ EF_LSTM_ROWS(, double, double)
 #undef EF_LSTM_ROWS
 
 struct CpuLstmPointwise {
-  void forward(const at::Tensor& z, const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_save,
-               const at::Tensor& m, double cell_clip, double out_clip) const {
+  static constexpr bool kSumsRecurrent = true;  // Note [fresh products] in common/lstm_driver.h
+
+  void forward(const at::Tensor& z, const at::Tensor& z_rec, const at::Tensor& gates, const at::Tensor& c,
+               const at::Tensor& c_save, const at::Tensor& m, double cell_clip, double out_clip) const {
     const int64_t rows = c.size(0), n = c.size(1);
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "lstm_projection_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* zp = z.data_ptr<scalar_t>();
+      const scalar_t* qp = ptr_or_null<scalar_t>(z_rec);
       acc_t *gp = ptr_or_null<acc_t>(gates), *cp = c.data_ptr<acc_t>(), *sp = ptr_or_null<acc_t>(c_save);
       scalar_t* mp = m.data_ptr<scalar_t>();
       at::parallel_for(0, rows, grain_rows(n), [&](int64_t r0, int64_t r1) {
-        forward_rows_dispatch(zp, gp, cp, sp, mp, r0, r1, n, static_cast<acc_t>(cell_clip),
+        forward_rows_dispatch(zp, qp, gp, cp, sp, mp, r0, r1, n, static_cast<acc_t>(cell_clip),
                               static_cast<acc_t>(out_clip));
       });
     });

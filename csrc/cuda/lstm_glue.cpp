@@ -30,7 +30,9 @@ T* ptr_or_null(const at::Tensor& t) {
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()); }
 
 struct CudaLstmPointwise {
-  void forward(const at::Tensor& z, const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_save,
+  static constexpr bool kSumsRecurrent = false;  // cuBLAS adds the recurrent product into z (beta = 1)
+
+  void forward(const at::Tensor& z, const at::Tensor& /*z_rec: never set*/, const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_save,
                const at::Tensor& m, double cell_clip, double out_clip) const {
     dispatch_cuda_float_types(z.scalar_type(), "lstm_projection_cuda", [&](auto tag) {
       using T = typename decltype(tag)::type;
