@@ -40,11 +40,17 @@ std::tuple<at::Tensor, at::Tensor> highway_forward_driver(const at::Tensor& x_in
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (layers == 0) y.copy_(x);
   at::Tensor activations = save_activations ? at::empty({layers, N, 2 * F}, x.options()) : at::empty({0}, x.options());
-  at::Tensor scratch = save_activations ? at::Tensor() : at::empty({N, 2 * F}, x.options());
+  // Without saving, a product that fits is used as the GEMM returns it (linear.h, kFreshProductBytes).
+  const bool fresh = !save_activations && N * 2 * F * x.element_size() <= kFreshProductBytes;
+  at::Tensor scratch = save_activations || fresh ? at::Tensor() : at::empty({N, 2 * F}, x.options());
   for (int64_t l = 0; l < layers; ++l) {
-    at::Tensor proj = save_activations ? activations.select(0, l) : scratch;
     const at::Tensor& input = l == 0 ? x : y;  // layers >= 1 update y in place, element by element
-    linear_into(proj, input, weight[l], bias[l]);
+    at::Tensor proj = save_activations ? activations.select(0, l) : scratch;
+    if (fresh) {
+      proj = linear_once(input, weight[l], bias[l]);
+    } else {
+      linear_into(proj, input, weight[l], bias[l]);
+    }
     pointwise.forward(proj, input, y, save_activations);
   }
   return {y, activations};

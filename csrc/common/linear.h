@@ -24,6 +24,11 @@ inline void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   }
 }
 
+// Products consumed once are kept as oneDNN returns them (linear_once) up to this size, the largest
+// block glibc reuses from its heap; beyond it a fresh tensor page-faults on every call, and copying
+// into a reused buffer (linear_into) is cheaper (Note [fresh products] in common/lstm_driver.h).
+constexpr int64_t kFreshProductBytes = int64_t{32} << 20;
+
 // x @ weight^T + bias (bias undefined: none) as a new contiguous (M, N) tensor, for a product used
 // once: on the CPU it is oneDNN's own output, with no copy into a caller's buffer. (Not named
 // `linear`: argument-dependent lookup would find at::linear.)

@@ -45,9 +45,7 @@ constexpr int64_t kLstmInputChunkRows = 1024;  // Note [chunked input GEMM]
 // ~4% of an fp32 biLM forward, so where a product is consumed once the driver keeps oneDNN's tensor
 // itself (linear_once): the inference input GEMM of each chunk, and (backends with kSumsRecurrent)
 // the recurrent product, which the pointwise pass adds to z in float (oneDNN's fused "add" epilogue
-// was 12% slower than a plain product in bf16). Chunks stay under kFreshBytes, the largest block
-// glibc reuses from its heap; larger ones would page-fault in fresh memory on every call.
-constexpr int64_t kFreshBytes = int64_t{32} << 20;
+// was 12% slower than a plain product in bf16). Chunks stay under kFreshProductBytes (linear.h).
 
 struct LstmDims {
   int64_t B, T, I, n, P;
@@ -113,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_driver(
     // when saving, all steps in the saved gates (or one buffer); else each chunk's own GEMM result
     // (Note [fresh products]).
     const int64_t fresh_rows =
-        std::min(kLstmInputChunkRows, std::max<int64_t>(1, kFreshBytes / (4 * n * x.element_size())));
+        std::min(kLstmInputChunkRows, std::max<int64_t>(1, kFreshProductBytes / (4 * n * x.element_size())));
     const int64_t g_rows = save ? total : std::min(total, std::max(fresh_rows, B));
     at::Tensor g = !save ? at::Tensor() : same ? gates_all : at::empty({g_rows, 4 * n}, x.options());
     int64_t g_base = 0, chunk_end = 0;
