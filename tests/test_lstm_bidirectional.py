@@ -56,7 +56,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode,threads", [("serial", 1), ("serial", 2), ("concurrent", 2), ("auto", 2)])
+@pytest.mark.parametrize("mode,threads", [("serial", 1), ("serial", 2), ("concurrent", 2), ("concurrent", 3), ("auto", 2)])
 @pytest.mark.parametrize("shared_x", [True, False])
 @pytest.mark.parametrize("case", CASES)
 def test_bidirectional_matches_reference(case, shared_x, mode, threads, directions_mode):

@@ -106,3 +106,32 @@ def test_lstm_cell_with_projection_matches_reference(go_forward):
                              not go_forward)
     for a, b in ((out, want[0]), (h[0], want[1]), (c[0], want[2])):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_nn_lstm_directions_side_by_side_match_torch(packed):
+    """Bidirectional layers run both directions in one op; forced side by side on 2 threads, the
+    results and every gradient still match torch.nn.LSTM."""
+    ours, ref = pair("cpu", input_size=3, hidden_size=6, num_layers=2, bidirectional=True, proj_size=2,
+                     batch_first=True)
+    lengths = torch.tensor([2, 5, 1, 5])
+    x = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    inp = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False) if packed else x
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        torch.ops.elmo_fast._set_cpu_directions("concurrent")
+        out, (h, c) = ours(inp)
+        data = out.data if packed else out
+        g = torch.autograd.grad((data, h, c), [x, *ours.parameters()], [torch.ones_like(t) for t in (data, h, c)],
+                                retain_graph=True)
+    finally:
+        torch.ops.elmo_fast._set_cpu_directions("auto")
+        torch.set_num_threads(threads)
+    out_r, (h_r, c_r) = ref(inp)
+    data_r = out_r.data if packed else out_r
+    for a, b in ((data, data_r), (h, h_r), (c, c_r)):
+        torch.testing.assert_close(a, b, **TOL)
+    g_r = torch.autograd.grad((data_r, h_r, c_r), [x, *ref.parameters()], [torch.ones_like(t) for t in (data, h, c)])
+    for a, b in zip(g, g_r):
+        torch.testing.assert_close(a, b, **TOL)
