@@ -1,7 +1,7 @@
 """CPU GEMM layer benchmark: torch's mm vs elmo_fast's layer (oneDNN, packed weights) at ELMo's
 shapes, and the highway op with each forced path against reference.highway.
 
-    python bench/cpu_gemm.py [--threads 1 2] [--repeats 7] [--json bench/results/x.json]
+    python bench/cpu_gemm.py [--threads 1 2] [--dtype float32 bfloat16] [--repeats 7] [--json bench/results/x.json]
 
 Prints markdown tables; every number is the median of --repeats timed runs after one warm-up.
 """
@@ -49,11 +49,11 @@ def median_time(fn, repeats):
     return statistics.median(times)
 
 
-def gemm_rows(repeats):
+def gemm_rows(repeats, dtype=torch.float32):
     rows = []
     for m, k, n, what in SHAPES:
-        x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
-        out = torch.empty(m, n)
+        x, w, b = (t.to(dtype) for t in (torch.randn(m, k), torch.randn(n, k), torch.randn(n)))
+        out = torch.empty(m, n, dtype=dtype)
         gflop = 2 * m * n * k / 1e9
         mm = gflop / median_time(lambda: torch.addmm(b, x, w.t(), out=out), repeats)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
@@ -114,6 +114,8 @@ def highway_rows(repeats, n=64 * 34, f=2048, layers=2):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="dtypes of the GEMM table (the small-shape and highway tables stay float32)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--highway-repeats", type=int, default=3)
     p.add_argument("--skip-highway", action="store_true")
@@ -124,13 +126,16 @@ def main():
     print(f"CPU: {model}; flags: {' '.join(flags)}; torch {torch.__version__}")
     for threads in args.threads:
         torch.set_num_threads(threads)
-        run = dict(threads=threads, gemm=gemm_rows(args.repeats), small=small_rows(args.repeats))
-        print(f"\n### {threads} thread(s): GFLOP/s (median of {args.repeats})\n")
-        print("| M x K x N | what | mm | oneDNN raw (no copy) | layer, onednn | layer, auto | pack ms |")
-        print("|---|---|--:|--:|--:|--:|--:|")
-        for r in run["gemm"]:
-            print(f"| {r['shape']} | {r['what']} | {r['mm']:.0f} | {r['onednn_raw']:.0f} | {r['layer_onednn']:.0f} "
-                  f"| {r['layer_auto']:.0f} | {r['pack_ms']:.1f} |")
+        run = dict(threads=threads, small=small_rows(args.repeats))
+        for dtype_name in args.dtype:
+            rows = gemm_rows(args.repeats, getattr(torch, dtype_name))
+            run["gemm" if dtype_name == "float32" else f"gemm_{dtype_name}"] = rows
+            print(f"\n### {threads} thread(s), {dtype_name}: GFLOP/s (median of {args.repeats})\n")
+            print("| M x K x N | what | mm | oneDNN raw (no copy) | layer, onednn | layer, auto | pack ms |")
+            print("|---|---|--:|--:|--:|--:|--:|")
+            for r in rows:
+                print(f"| {r['shape']} | {r['what']} | {r['mm']:.0f} | {r['onednn_raw']:.0f} | {r['layer_onednn']:.0f} "
+                      f"| {r['layer_auto']:.0f} | {r['pack_ms']:.1f} |")
         print("\n| small M x K x N | M*N*K | mm us | onednn us |\n|---|--:|--:|--:|")
         for r in run["small"]:
             print(f"| {r['shape']} | {r['mnk']} | {r['mm_us']:.1f} | {r['onednn_us']:.1f} |")

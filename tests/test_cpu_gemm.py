@@ -192,6 +192,49 @@ def test_auto_policy(gemm_mode):
     assert info()["last_path"] == "onednn" and info()["packs"] == 2  # large M: packs at first use
 
 
+@pytest.mark.skipif(not ONEDNN, reason="no oneDNN: the auto policy is mm throughout")
+def test_auto_measures_each_shape_class(gemm_mode):
+    """Note [measured path]: after the warm-up, the calls of a shape class alternate between the two
+    paths, timed; then the faster one runs. Results agree whichever path ran."""
+    gemm_mode("auto")
+    gen = torch.Generator().manual_seed(5)
+    w, x = torch.randn(512, 512, generator=gen), torch.randn(16, 512, generator=gen)
+    expected = x @ w.t()
+    paths = []
+    for _ in range(12):
+        assert_rel_close(OPS._cpu_gemm_linear(x, w, None), expected)
+        paths.append(info()["last_path"])
+    # first sight (mm), 3 more warm-up calls (packed), 3 timed trials of each path, then the choice
+    assert paths[:4] == ["mm", "onednn", "onednn", "onednn"]
+    assert paths[4:10] == ["onednn", "mm"] * 3
+    (key, decision), = info()["decisions"].items()
+    assert key.startswith("Float") and key.endswith(f"M>=16 N=512 K=512 threads={torch.get_num_threads()}")
+    assert decision["choice"] in ("mm", "onednn") and decision["mm_us"] > 0 and decision["onednn_us"] > 0
+    faster = "onednn" if decision["onednn_us"] <= decision["mm_us"] else "mm"
+    assert decision["choice"] == faster and paths[10:] == [faster, faster]
+    # Rows 16..31 share the class (and its decision); 32 rows are a new class, bf16 another.
+    assert_rel_close(OPS._cpu_gemm_linear(x[:13].repeat(2, 1), w, None), expected[:13].repeat(2, 1))
+    assert info()["last_path"] == faster and len(info()["decisions"]) == 1
+    OPS._cpu_gemm_linear(x.repeat(2, 1), w, None)
+    OPS._cpu_gemm_linear(x.bfloat16(), w.bfloat16(), None)
+    assert len(info()["decisions"]) == (3 if info()["onednn_bf16"] else 2)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="no oneDNN: the auto policy is mm throughout")
+def test_auto_without_measuring_takes_onednn(gemm_mode):
+    gemm_mode("auto")
+    OPS._cpu_gemm_measure(False)
+    try:
+        w, x = torch.randn(512, 512), torch.randn(16, 512)
+        paths = []
+        for _ in range(12):
+            OPS._cpu_gemm_linear(x, w, None)
+            paths.append(info()["last_path"])
+        assert paths == ["mm"] + ["onednn"] * 11 and info()["decisions"] == {} and not info()["measure"]
+    finally:
+        OPS._cpu_gemm_measure(True)
+
+
 def test_inference_tensors_take_mm(gemm_mode):
     gemm_mode("onednn")
     with torch.inference_mode():

@@ -13,11 +13,29 @@
 //    thus never pays for a pack it cannot amortise.
 // "onednn" packs at first use and ignores kMinWork (tests exercise the oneDNN path on every shape);
 // it still falls back to mm where oneDNN is absent (torch without it, bf16 without CPU support).
+//
+// Note [measured path]
+// Which of the two is faster for a product that passes the policy above depends on the machine, not
+// only on its size: on an AMD Zen 4 packed oneDNN won every ELMo shape (MKL takes a narrower code
+// path there), on an Intel Xeon with AMX mm won fp32 at large M (the highway, 156 vs 134 GFLOP/s) and
+// fp32 batch-1 steps on 2 threads (24 vs 20), and lost everything else. So "auto" measures: per
+// shape class (dtype, orientation, M rounded down to a power of two, N, K, threads in use) that
+// oneDNN would take, after kWarmup untimed calls, 2 * kTrials calls alternate between the two paths,
+// timed, and from then on the one with the better of its best times runs. A class costs a few calls on its slower
+// path once per process; the products are >= kMinWork, so the clock's cost is noise. Results differ
+// between the paths only by float rounding (tests/test_cpu_gemm.py forces each).
 #include "cpu/gemm.h"
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <sstream>
+
+#include <ATen/Parallel.h>
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
@@ -61,14 +79,96 @@ Mode mode() {
 
 const char* mode_name(int m) { return m == kMm ? "mm" : m == kOnednn ? "onednn" : "auto"; }
 
-// The packed weight to use for this call, or undefined for mm.
-at::Tensor choose(const at::Tensor& weight, Orientation orientation, int64_t M, int64_t N, int64_t K) {
-  const Mode m = mode();
-  if (m == kMm || M == 0 || N == 0 || K == 0) return at::Tensor();  // empty products: mm is exact and free
-  if (!onednn_available(weight.scalar_type())) return at::Tensor();
-  if (m == kAuto && M * N * K < kMinWork) return at::Tensor();
-  return packed_weight(weight, orientation, m == kOnednn || M >= kPackNowRows);
+// Note [measured path]: per shape class, the timings of each path and, once both have kTrials, the choice.
+// The first kWarmup calls of a class run oneDNN untimed: a path's first calls pay for page faults on
+// fresh outputs and cold packed weights (up to 2x its steady time, measured).
+constexpr int kWarmup = 4;
+constexpr int kTrials = 3;
+
+struct PathRecord {
+  int seen = 0, mm_runs = 0, onednn_runs = 0;
+  double best_mm = std::numeric_limits<double>::infinity();
+  double best_onednn = std::numeric_limits<double>::infinity();
+  bool decided() const { return mm_runs >= kTrials && onednn_runs >= kTrials; }
+  bool onednn_wins() const { return best_onednn <= best_mm; }
+};
+
+std::atomic<bool> g_measure{true};
+std::mutex g_records_mutex;
+std::map<std::string, PathRecord> g_records;
+
+std::string shape_class(const at::Tensor& weight, Orientation orientation, int64_t M, int64_t N, int64_t K) {
+  int64_t m_class = M;
+  if (M >= 8) {
+    m_class = 8;
+    while (m_class * 2 <= M) m_class *= 2;
+  }
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  std::ostringstream key;
+  key << c10::toString(weight.scalar_type()) << (orientation == Orientation::kNK ? " NK" : " KN") << " M>=" << m_class
+      << " N=" << N << " K=" << K << " threads=" << threads;
+  return key.str();
 }
+
+// What one call runs: oneDNN with `packed` when defined, else mm; with `trial_key` set the call is
+// one of the timed trials of that shape class (Timer records it).
+struct Pick {
+  at::Tensor packed;
+  std::string trial_key;
+};
+
+Pick choose(const at::Tensor& weight, Orientation orientation, int64_t M, int64_t N, int64_t K) {
+  const Mode m = mode();
+  if (m == kMm || M == 0 || N == 0 || K == 0) return {};  // empty products: mm is exact and free
+  if (!onednn_available(weight.scalar_type())) return {};
+  if (m == kAuto && M * N * K < kMinWork) return {};
+  if (m == kOnednn || !g_measure.load(std::memory_order_relaxed)) {
+    return {packed_weight(weight, orientation, m == kOnednn || M >= kPackNowRows), {}};
+  }
+  std::string key = shape_class(weight, orientation, M, N, K);
+  bool trial_onednn = true;
+  {
+    std::lock_guard<std::mutex> lock(g_records_mutex);
+    PathRecord& r = g_records[key];
+    if (r.decided()) {
+      if (!r.onednn_wins()) return {};
+      key.clear();
+    } else if (r.seen++ < kWarmup) {
+      key.clear();
+    } else {
+      trial_onednn = r.onednn_runs <= r.mm_runs;
+    }
+  }
+  if (!trial_onednn) return {at::Tensor(), std::move(key)};
+  at::Tensor packed = packed_weight(weight, orientation, M >= kPackNowRows);
+  if (!packed.defined()) return {};  // not packed yet (first sight of this version): mm, untimed
+  return {std::move(packed), std::move(key)};
+}
+
+// Times the rest of the enclosing scope and records it as one trial of the pick's shape class.
+class Timer {
+ public:
+  explicit Timer(const Pick& pick) : pick_(pick), start_(std::chrono::steady_clock::now()) {}
+  ~Timer() {
+    if (pick_.trial_key.empty()) return;
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    std::lock_guard<std::mutex> lock(g_records_mutex);
+    PathRecord& r = g_records[pick_.trial_key];
+    if (pick_.packed.defined()) {
+      ++r.onednn_runs;
+      r.best_onednn = std::min(r.best_onednn, s);
+    } else {
+      ++r.mm_runs;
+      r.best_mm = std::min(r.best_mm, s);
+    }
+  }
+  Timer(const Timer&) = delete;
+  Timer& operator=(const Timer&) = delete;
+
+ private:
+  const Pick& pick_;
+  std::chrono::steady_clock::time_point start_;
+};
 
 // Note [row blocks]
 // _linear_pointwise has no out= variant: it returns a new tensor that we copy into `out`. Running
@@ -97,7 +197,9 @@ void count(Path p) {
 }  // namespace
 
 void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  const at::Tensor packed = choose(weight, Orientation::kNK, x.size(0), weight.size(0), x.size(1));
+  const Pick pick = choose(weight, Orientation::kNK, x.size(0), weight.size(0), x.size(1));
+  const Timer timer(pick);
+  const at::Tensor& packed = pick.packed;
   if (!packed.defined()) {
     count(kPathMm);
     if (bias.defined()) {
@@ -112,7 +214,9 @@ void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
 }
 
 at::Tensor linear_once(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  const at::Tensor packed = choose(weight, Orientation::kNK, x.size(0), weight.size(0), x.size(1));
+  const Pick pick = choose(weight, Orientation::kNK, x.size(0), weight.size(0), x.size(1));
+  const Timer timer(pick);
+  const at::Tensor& packed = pick.packed;
   if (!packed.defined()) {
     count(kPathMm);
     return bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
@@ -122,7 +226,9 @@ at::Tensor linear_once(const at::Tensor& x, const at::Tensor& weight, const at::
 }
 
 void add_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  const at::Tensor packed = choose(b, Orientation::kKN, a.size(0), b.size(1), a.size(1));
+  const Pick pick = choose(b, Orientation::kKN, a.size(0), b.size(1), a.size(1));
+  const Timer timer(pick);
+  const at::Tensor& packed = pick.packed;
   if (!packed.defined()) {
     count(kPathMm);
     out.addmm_(a, b);
@@ -134,7 +240,9 @@ void add_matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) 
 }
 
 void add_linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {
-  const at::Tensor packed = choose(weight, Orientation::kNK, x.size(0), weight.size(0), x.size(1));
+  const Pick pick = choose(weight, Orientation::kNK, x.size(0), weight.size(0), x.size(1));
+  const Timer timer(pick);
+  const at::Tensor& packed = pick.packed;
   if (!packed.defined()) {
     count(kPathMm);
     out.addmm_(x, weight.t());
@@ -145,7 +253,9 @@ void add_linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& wei
 }
 
 void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  const at::Tensor packed = choose(b, Orientation::kKN, a.size(0), b.size(1), a.size(1));
+  const Pick pick = choose(b, Orientation::kKN, a.size(0), b.size(1), a.size(1));
+  const Timer timer(pick);
+  const at::Tensor& packed = pick.packed;
   if (!packed.defined()) {
     count(kPathMm);
     at::mm_out(out, a, b);
@@ -157,11 +267,33 @@ void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 
 void set_mode(const std::string& m) { g_mode.store(parse_mode(m, "elmo_fast CPU GEMM mode"), std::memory_order_relaxed); }
 
+void set_measure(bool on) { g_measure.store(on, std::memory_order_relaxed); }
+
 void reset_counters() {
   g_mm_calls = 0;
   g_onednn_calls = 0;
   g_last_path = kNone;
+  std::lock_guard<std::mutex> lock(g_records_mutex);
+  g_records.clear();
 }
+
+namespace {
+// {"<shape class>": {"mm_us", "onednn_us" (best so far; -1 before the first run), "choice"}}.
+std::string decisions_json() {
+  std::ostringstream s;
+  s << "{";
+  std::lock_guard<std::mutex> lock(g_records_mutex);
+  bool first = true;
+  for (const auto& [key, r] : g_records) {
+    s << (first ? "" : ", ") << "\"" << key << "\": {\"mm_us\": " << (r.mm_runs ? r.best_mm * 1e6 : -1.0)
+      << ", \"onednn_us\": " << (r.onednn_runs ? r.best_onednn * 1e6 : -1.0) << ", \"choice\": \""
+      << (!r.decided() ? "measuring" : r.onednn_wins() ? "onednn" : "mm") << "\"}";
+    first = false;
+  }
+  s << "}";
+  return s.str();
+}
+}  // namespace
 
 std::string info_json() {
   const CacheStats s = cache_stats();
@@ -175,7 +307,8 @@ std::string info_json() {
          num("mm_calls", g_mm_calls.load()) + ", " + num("onednn_calls", g_onednn_calls.load()) + ", " +
          num("entries", s.entries) + ", " + num("packed", s.packed) + ", " + num("packs", s.packs) + ", " +
          num("hits", s.hits) + ", " + num("refreshes", s.refreshes) + ", " + num("purged", s.purged) + ", " +
-         num("min_work", kMinWork) + ", " + num("pack_now_rows", kPackNowRows) + "}";
+         num("min_work", kMinWork) + ", " + num("pack_now_rows", kPackNowRows) + ", " +
+         boolean("measure", g_measure.load()) + ", \"decisions\": " + decisions_json() + "}";
 }
 
 }  // namespace elmo_fast::cpu_gemm

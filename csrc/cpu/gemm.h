@@ -1,6 +1,6 @@
 // The CPU GEMM layer: common/linear.h sends every CPU float32/bfloat16 GEMM here; per call it takes
-// oneDNN with a cached packed weight (gemm_cache.h) or at::addmm, by ELMO_FAST_CPU_GEMM and a
-// measured size policy (Note [when to pack] in gemm.cpp). Same meaning as linear.h's functions.
+// oneDNN with a cached packed weight (gemm_cache.h) or at::addmm, by ELMO_FAST_CPU_GEMM, a size
+// policy (Note [when to pack] in gemm.cpp) and timings taken on this machine (Note [measured path]). Same meaning as linear.h's functions.
 #pragma once
 
 #include <string>
@@ -30,8 +30,13 @@ void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 // ELMO_FAST_CPU_GEMM: "auto" | "mm" | "onednn". Read from the environment at the first GEMM;
 // set_mode overrides it (tests, benchmarks). Throws on any other value.
 void set_mode(const std::string& mode);
-// {"mode", "onednn_fp32", "onednn_bf16", "last_path", counters, cache stats} as one JSON object.
+// Whether "auto" times both paths per shape class and keeps the faster (Note [measured path] in
+// gemm.cpp; on by default). Off, "auto" takes oneDNN wherever the size policy allows.
+void set_measure(bool on);
+// {"mode", "onednn_fp32", "onednn_bf16", "last_path", counters, cache stats, "measure",
+// "decisions"} as one JSON object.
 std::string info_json();
+// Zeroes the counters and forgets the measured decisions.
 void reset_counters();
 
 }  // namespace elmo_fast::cpu_gemm

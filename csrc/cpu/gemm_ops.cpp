@@ -14,6 +14,7 @@ namespace elmo_fast {
 namespace {
 
 void set_cpu_gemm(c10::string_view mode) { cpu_gemm::set_mode(std::string(mode)); }
+void cpu_gemm_measure(bool on) { cpu_gemm::set_measure(on); }
 std::string cpu_gemm_info() { return cpu_gemm::info_json(); }
 void cpu_gemm_reset() {
   cpu_gemm::clear_cache();
@@ -49,6 +50,7 @@ at::Tensor cpu_gemm_add_matmul(const at::Tensor& c, const at::Tensor& a, const a
 
 TORCH_LIBRARY_FRAGMENT(elmo_fast, m) {
   m.def("_set_cpu_gemm(str mode) -> ()", &elmo_fast::set_cpu_gemm);
+  m.def("_cpu_gemm_measure(bool on) -> ()", &elmo_fast::cpu_gemm_measure);
   m.def("_cpu_gemm_info() -> str", &elmo_fast::cpu_gemm_info);
   m.def("_cpu_gemm_reset() -> ()", &elmo_fast::cpu_gemm_reset);
   m.def("_cpu_gemm_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
