@@ -106,7 +106,7 @@ def test_highway_no_grad_matches_grad_mode():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_highway_low_precision(dtype):
+def test_highway_cuda_low_precision(dtype):
     gen = torch.Generator().manual_seed(4)
     x64, ws64, bs64 = make_case(257, 96, 2, torch.float64, "cuda", gen, requires_grad=False)
     exact = R.highway(x64, ws64, bs64)
