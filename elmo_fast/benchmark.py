@@ -55,8 +55,9 @@ def flops(op: str, model: str, batch: int, words: int, backward: bool) -> float:
     highway = layers * 2 * tokens * NUM_FILTERS * 2 * NUM_FILTERS
     lstm_step = 2 * p * 4 * n * 2 + 2 * n * p  # input + recurrent GEMM (both P -> 4n) + projection, per row
     lstm = tokens * lstm_step
+    projection = 2 * tokens * NUM_FILTERS * p
     total = {"highway": highway, "char_cnn": conv, "lstm_projection": lstm,
-             "elmo": conv + highway + 2 * tokens * NUM_FILTERS * p + 4 * lstm}[op]
+             "char_encoder": conv + highway + projection, "elmo": conv + highway + projection + 4 * lstm}[op]
     return float(total * (3 if backward else 1))
 
 
@@ -193,6 +194,33 @@ def _char_cnn_case(model: str, batch: int, words: int, dtype: torch.dtype, backw
         "elmo_fast": _grad_runner(lambda: functional.char_cnn(ids, emb, weights, biases, act), inputs, backward)}
 
 
+def _char_encoder_case(model: str, batch: int, words: int, dtype: torch.dtype, backward: bool,
+                       text: str = "english"):
+    """The token encoder (char-CNN, highways, projection) on every token incl. BOS/EOS; elmo_fast
+    encodes each distinct token once (exact dedup), the reference every token."""
+    from elmo_fast.chars import batch_to_ids
+    from elmo_fast.elmo import ElmoCharacterEncoder
+
+    options, state = bench_data.model_state(model)
+    sentences = (bench_data.english_sentences if text == "english" else bench_data.random_sentences)(batch, words)
+    ids = batch_to_ids(sentences).to(_DEVICE[0])
+    with_boundaries, mask = reference.add_sentence_boundaries(ids.cpu())
+    with_boundaries = with_boundaries.to(_DEVICE[0])
+    module = ElmoCharacterEncoder(*bench_data.model_files(model), requires_grad=backward).to(
+        device=_DEVICE[0], dtype=dtype)
+    ref_state = {k: v.to(device=_DEVICE[0], dtype=dtype, copy=True).requires_grad_(backward)
+                 for k, v in state.items() if k.startswith("_token_embedder.")}
+    impls = {"reference": _grad_runner(lambda: reference.char_encoder(with_boundaries, ref_state, options),
+                                       list(ref_state.values()), backward),
+             "elmo_fast": _grad_runner(lambda: module(ids)["token_embedding"], list(module.parameters()), backward)}
+    if _DEVICE[0] == "cpu" and not backward:
+        distinct = torch.unique(with_boundaries[mask.bool()], dim=0).shape[0]
+        m = MODELS[model]
+        impls[GEMM_FLOOR] = gemm_floor.floor_runner(
+            gemm_floor.elmo_gemms(distinct, [], m["n_highway"], NUM_FILTERS, m["dim"], m["projection_dim"]), dtype)
+    return batch * (words + 2), impls
+
+
 def _lstm_case(model: str, batch: int, words: int, dtype: torch.dtype, backward: bool):
     """One layer-direction of the biLM on (words + 2) steps, all rows full length."""
     n, p = MODELS[model]["dim"], MODELS[model]["projection_dim"]
@@ -250,8 +278,8 @@ def _elmo_case(model: str, batch: int, words: int, dtype: torch.dtype, backward:
     return batch * words, impls
 
 
-CASES = {"highway": _highway_case, "char_cnn": _char_cnn_case, "lstm_projection": _lstm_case,
-         "elmo": _elmo_case}
+CASES = {"highway": _highway_case, "char_cnn": _char_cnn_case, "char_encoder": _char_encoder_case,
+         "lstm_projection": _lstm_case, "elmo": _elmo_case}
 
 
 def run(ops: List[str], models: List[str], shapes: List[tuple], threads: List[int], modes: List[str],

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
     bench = sub.add_parser("bench", help="run the microbenchmarks and print a table")
     bench.add_argument("--model", choices=["small", "medium", "original"], default=None)
-    bench.add_argument("--op", action="append", choices=["highway", "char_cnn", "lstm_projection", "elmo"], help="op to run (repeatable); default all")
+    bench.add_argument("--op", action="append", choices=["highway", "char_cnn", "char_encoder", "lstm_projection", "elmo"],
+                       help="op to run (repeatable); default all")
     bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
                        help="dtype of weights and activations (default float32)")
