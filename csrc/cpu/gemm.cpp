@@ -17,13 +17,13 @@
 // Note [measured path]
 // Which of the two is faster for a product that passes the policy above depends on the machine, not
 // only on its size: on an AMD Zen 4 packed oneDNN won every ELMo shape (MKL takes a narrower code
-// path there), on an Intel Xeon with AMX mm won fp32 at large M (the highway, 156 vs 134 GFLOP/s) and
-// fp32 batch-1 steps on 2 threads (24 vs 20), and lost everything else. So "auto" measures: per
-// shape class (dtype, orientation, M rounded down to a power of two, N, K, threads in use) that
-// oneDNN would take, after kWarmup untimed calls, 2 * kTrials calls alternate between the two paths,
-// timed, and from then on the one with the better of its best times runs. A class costs a few calls on its slower
-// path once per process; the products are >= kMinWork, so the clock's cost is noise. Results differ
-// between the paths only by float rounding (tests/test_cpu_gemm.py forces each).
+// path there); on an Intel Xeon with AMX mm won fp32 at large M (the highway, 156 vs 134 GFLOP/s)
+// and fp32 batch-1 steps on 2 threads (24 vs 20), and lost everything else
+// (bench/results/cpu-intel-amx-2026-12-02.md). So "auto" measures: per shape class (ShapeClass)
+// that oneDNN would take, after kWarmup untimed calls, 2 * kTrials calls alternate between the two
+// paths, timed, and from then on the one with the better best time runs. A class costs a few calls
+// on its slower path once per process; the products are >= kMinWork, so the clock's cost is noise.
+// Results differ between the paths only by float rounding (tests/test_cpu_gemm.py forces each).
 #include "cpu/gemm.h"
 
 #include <algorithm>
@@ -33,7 +33,9 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <sstream>
+#include <tuple>
 
 #include <ATen/Parallel.h>
 
@@ -93,28 +95,41 @@ struct PathRecord {
   bool onednn_wins() const { return best_onednn <= best_mm; }
 };
 
-std::atomic<bool> g_measure{true};
-std::mutex g_records_mutex;
-std::map<std::string, PathRecord> g_records;
+// dtype, orientation, M rounded down to a power of two (exact below 8), N, K, threads in use.
+struct ShapeClass {
+  at::ScalarType dtype;
+  Orientation orientation;
+  int64_t m, n, k;
+  int threads;
+  auto tie() const { return std::tie(dtype, orientation, m, n, k, threads); }
+  bool operator<(const ShapeClass& o) const { return tie() < o.tie(); }
+  std::string name() const {
+    std::ostringstream s;
+    s << c10::toString(dtype) << (orientation == Orientation::kNK ? " NK" : " KN") << " M>=" << m << " N=" << n
+      << " K=" << k << " threads=" << threads;
+    return s.str();
+  }
+};
 
-std::string shape_class(const at::Tensor& weight, Orientation orientation, int64_t M, int64_t N, int64_t K) {
+ShapeClass shape_class(const at::Tensor& weight, Orientation orientation, int64_t M, int64_t N, int64_t K) {
   int64_t m_class = M;
   if (M >= 8) {
     m_class = 8;
     while (m_class * 2 <= M) m_class *= 2;
   }
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  std::ostringstream key;
-  key << c10::toString(weight.scalar_type()) << (orientation == Orientation::kNK ? " NK" : " KN") << " M>=" << m_class
-      << " N=" << N << " K=" << K << " threads=" << threads;
-  return key.str();
+  return {weight.scalar_type(), orientation, m_class, N, K, threads};
 }
 
-// What one call runs: oneDNN with `packed` when defined, else mm; with `trial_key` set the call is
-// one of the timed trials of that shape class (Timer records it).
+std::atomic<bool> g_measure{true};
+std::mutex g_records_mutex;
+std::map<ShapeClass, PathRecord> g_records;
+
+// What one call runs: oneDNN with `packed` when defined, else mm; with `trial` set the call is one
+// of the timed trials of that shape class (Timer records it).
 struct Pick {
   at::Tensor packed;
-  std::string trial_key;
+  std::optional<ShapeClass> trial;
 };
 
 Pick choose(const at::Tensor& weight, Orientation orientation, int64_t M, int64_t N, int64_t K) {
@@ -125,24 +140,24 @@ Pick choose(const at::Tensor& weight, Orientation orientation, int64_t M, int64_
   if (m == kOnednn || !g_measure.load(std::memory_order_relaxed)) {
     return {packed_weight(weight, orientation, m == kOnednn || M >= kPackNowRows), {}};
   }
-  std::string key = shape_class(weight, orientation, M, N, K);
+  std::optional<ShapeClass> trial = shape_class(weight, orientation, M, N, K);
   bool trial_onednn = true;
   {
     std::lock_guard<std::mutex> lock(g_records_mutex);
-    PathRecord& r = g_records[key];
+    PathRecord& r = g_records[*trial];
     if (r.decided()) {
       if (!r.onednn_wins()) return {};
-      key.clear();
+      trial.reset();
     } else if (r.seen++ < kWarmup) {
-      key.clear();
+      trial.reset();
     } else {
       trial_onednn = r.onednn_runs <= r.mm_runs;
     }
   }
-  if (!trial_onednn) return {at::Tensor(), std::move(key)};
+  if (!trial_onednn) return {at::Tensor(), trial};
   at::Tensor packed = packed_weight(weight, orientation, M >= kPackNowRows);
   if (!packed.defined()) return {};  // not packed yet (first sight of this version): mm, untimed
-  return {std::move(packed), std::move(key)};
+  return {std::move(packed), trial};
 }
 
 // Times the rest of the enclosing scope and records it as one trial of the pick's shape class.
@@ -150,10 +165,10 @@ class Timer {
  public:
   explicit Timer(const Pick& pick) : pick_(pick), start_(std::chrono::steady_clock::now()) {}
   ~Timer() {
-    if (pick_.trial_key.empty()) return;
+    if (!pick_.trial.has_value()) return;
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     std::lock_guard<std::mutex> lock(g_records_mutex);
-    PathRecord& r = g_records[pick_.trial_key];
+    PathRecord& r = g_records[*pick_.trial];
     if (pick_.packed.defined()) {
       ++r.onednn_runs;
       r.best_onednn = std::min(r.best_onednn, s);
@@ -285,7 +300,7 @@ std::string decisions_json() {
   std::lock_guard<std::mutex> lock(g_records_mutex);
   bool first = true;
   for (const auto& [key, r] : g_records) {
-    s << (first ? "" : ", ") << "\"" << key << "\": {\"mm_us\": " << (r.mm_runs ? r.best_mm * 1e6 : -1.0)
+    s << (first ? "" : ", ") << "\"" << key.name() << "\": {\"mm_us\": " << (r.mm_runs ? r.best_mm * 1e6 : -1.0)
       << ", \"onednn_us\": " << (r.onednn_runs ? r.best_onednn * 1e6 : -1.0) << ", \"choice\": \""
       << (!r.decided() ? "measuring" : r.onednn_wins() ? "onednn" : "mm") << "\"}";
     first = false;
