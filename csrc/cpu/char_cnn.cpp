@@ -34,9 +34,10 @@ constexpr int64_t kBlockTokens = 32;
 
 // The masked max of one token over its live windows' conv values y (rows, F) and the constant
 // window's values (when it exists), then bias and activation. Writes out (F) and win (F): the
-// winning window's start t (t = L for the constant window).
-template <typename T>
-__attribute__((always_inline)) inline void token_max(const T* y, const T* constant, const T* bias, T* out,
+// winning window's start t (t = L for the constant window). Y is the GEMM's storage type (bfloat16
+// is read as it is and compared in float: no converted copy of the product), T the arithmetic type.
+template <typename Y, typename T>
+__attribute__((always_inline)) inline void token_max(const Y* y, const T* constant, const T* bias, T* out,
                                                      int16_t* win, const CharCnnGroup* groups, int64_t n_groups,
                                                      int64_t L, int64_t C, int64_t F, bool use_tanh) {
   for (int64_t gi = 0; gi < n_groups; ++gi) {
@@ -44,15 +45,16 @@ __attribute__((always_inline)) inline void token_max(const T* y, const T* consta
     const int64_t live = char_cnn_live_windows(L, C, w);
     if (live > 0) {
       for (int64_t f = f0; f < f1; ++f) {
-        out[f] = y[f];
+        out[f] = T(y[f]);
         win[f] = 0;
       }
       for (int64_t t = 1; t < live; ++t) {
-        const T* yt = y + t * F;
+        const Y* yt = y + t * F;
         // Strict '>' keeps the first maximal window, as torch's max does.
         for (int64_t f = f0; f < f1; ++f) {
-          const bool better = yt[f] > out[f];
-          out[f] = better ? yt[f] : out[f];
+          const T v = T(yt[f]);
+          const bool better = v > out[f];
+          out[f] = better ? v : out[f];
           win[f] = better ? static_cast<int16_t>(t) : win[f];
         }
       }
@@ -68,9 +70,13 @@ __attribute__((always_inline)) inline void token_max(const T* y, const T* consta
   for (int64_t f = 0; f < F; ++f) out[f] = char_cnn_activate(out[f] + bias[f], use_tanh);
 }
 
-// float gets ISA clones (Note [CPU multiversioning]); double is for tests. bfloat16 runs the float
-// loop on its GEMM output converted to float (forward_impl).
+// float and bfloat16 products get ISA clones (Note [CPU multiversioning]); double is for tests.
 EF_CPU_MULTIVERSION void token_max_any(const float* y, const float* constant, const float* bias, float* out,
+                                       int16_t* win, const CharCnnGroup* groups, int64_t n_groups, int64_t L,
+                                       int64_t C, int64_t F, bool use_tanh) {
+  token_max(y, constant, bias, out, win, groups, n_groups, L, C, F, use_tanh);
+}
+EF_CPU_MULTIVERSION void token_max_any(const c10::BFloat16* y, const float* constant, const float* bias, float* out,
                                        int16_t* win, const CharCnnGroup* groups, int64_t n_groups, int64_t L,
                                        int64_t C, int64_t F, bool use_tanh) {
   token_max(y, constant, bias, out, win, groups, n_groups, L, C, F, use_tanh);
@@ -136,8 +142,7 @@ void forward_impl(const CharCnnShape& s, const CharCnnTokens& tok, const at::Ten
         for (int64_t t = 0; t < live; ++t, ++r) fill_window(xp + r * K, ids + n * C, emb, t, C, d, s.w_max);
       }
       if (rows > 0) matmul_nt_into(y, x, packed);
-      const at::Tensor y_a = y.to(c10::CppTypeToScalarType<A>::value);  // y itself when T == A
-      const A* yp = y_a.data_ptr<A>();
+      const T* yp = y.data_ptr<T>();
       r = 0;
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t L = tok.live[n];
