@@ -67,3 +67,40 @@ def test_driver_times_the_gemm_floor_beside_the_lstm():
     impls = {r.impl: r for r in results}
     assert set(impls) == {"reference", "torch.nn.LSTM", "elmo_fast", benchmark.GEMM_FLOOR}
     assert 0 < impls[benchmark.GEMM_FLOOR].median_s
+
+
+def test_driver_times_the_token_encoder_with_its_floor():
+    results = benchmark.run(["char_encoder"], ["small"], [(2, 3)], [1], ["forward", "forward+backward"], repeats=1,
+                            progress=lambda line: None)
+    cells = {(r.mode, r.impl) for r in results}
+    assert cells == {("forward", "reference"), ("forward", "elmo_fast"), ("forward", benchmark.GEMM_FLOOR),
+                     ("forward+backward", "reference"), ("forward+backward", "elmo_fast")}
+    assert all(r.tokens == 2 * 5 and r.median_s > 0 for r in results)
+    assert benchmark.flops("char_encoder", "small", 2, 3, False) > benchmark.flops("char_cnn", "small", 2, 3, False)
+
+
+def test_settle_calls_until_the_measured_choices_are_made():
+    import torch
+
+    ops = torch.ops.elmo_fast
+    before = json.loads(ops._cpu_gemm_info())["mode"]
+    ops._set_cpu_gemm("auto")
+    ops._cpu_gemm_reset()
+    w, x = torch.randn(512, 512), torch.randn(16, 512)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        ops._cpu_gemm_linear(x, w, None)
+
+    try:
+        benchmark.settle(fn, max_calls=20)
+        decisions = json.loads(ops._cpu_gemm_info())["decisions"]
+    finally:
+        ops._set_cpu_gemm(before)
+        ops._cpu_gemm_reset()
+    if json.loads(ops._cpu_gemm_info())["onednn_fp32"]:
+        # 4 warm-up calls and 3 timed trials of each path (Note [measured path]), then decided
+        assert len(calls) == 10 and [d["choice"] for d in decisions.values()] != ["measuring"]
+    else:
+        assert len(calls) == 1 and decisions == {}
