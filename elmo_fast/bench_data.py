@@ -82,4 +82,3 @@ def model_state(model: str) -> Tuple[Dict, Dict]:
     from elmo_fast.weights import load_weights
 
     return load_weights(*model_files(model))
-

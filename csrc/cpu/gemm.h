@@ -1,6 +1,7 @@
 // The CPU GEMM layer: common/linear.h sends every CPU float32/bfloat16 GEMM here; per call it takes
 // oneDNN with a cached packed weight (gemm_cache.h) or at::addmm, by ELMO_FAST_CPU_GEMM, a size
-// policy (Note [when to pack] in gemm.cpp) and timings taken on this machine (Note [measured path]). Same meaning as linear.h's functions.
+// policy (Note [when to pack] in gemm.cpp) and timings taken on this machine (Note [measured
+// path]). Same meaning as linear.h's functions.
 #pragma once
 
 #include <string>
