@@ -1,7 +1,8 @@
 """The microbenchmark driver behind `elmo-fast bench` and `make bench`.
 
 Every case times elmo_fast against its baseline in the same run (the reference is AllenNLP's
-algorithm in plain PyTorch), with the thread count pinned, and reports the median of repeats.
+algorithm in plain PyTorch), with the thread count pinned, and reports the median of repeats; the
+implementations take turns within each repeat, so load changes on a shared machine hit all alike.
 """
 import json
 import os
@@ -111,6 +112,25 @@ def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1, device: s
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                     device: str = "cpu") -> Dict[str, float]:
+    """Median wall time of each fn over `repeats` rounds, every round calling each fn once in turn,
+    so that a change in the machine's load hits all of them alike (the ratios are what we report)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _cpu_choices_pending() -> bool:
@@ -306,11 +326,9 @@ def run(ops: List[str], models: List[str], shapes: List[tuple], threads: List[in
                                 peaks[nthreads] = (gpu_peak_gflops(device, dtype) if cuda
                                                    else max(gemm_peak_gflops(nthreads, dtype).values()))
                             torch.set_num_threads(nthreads)
-                            times = {}
-                            for name, fn in impls.items():
-                                if name == "elmo_fast" and not cuda:
-                                    settle(fn)
-                                times[name] = time_call(fn, repeats, device=device)
+                            if "elmo_fast" in impls and not cuda:
+                                settle(impls["elmo_fast"])
+                            times = time_interleaved(impls, repeats, device=device)
                             base = times["reference"]
                             for name, t in times.items():
                                 gflops = work / t / 1e9

@@ -38,7 +38,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("elmo-fast bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    print(f"# device {args.device}, dtype {args.dtype}, median of {repeats} after 1 warm-up; "
+    print(f"# device {args.device}, dtype {args.dtype}, median of {repeats} interleaved rounds after 1 warm-up; "
           "speedup = reference time / time")
     results = benchmark.run(args.op or list(benchmark.CASES), models, shapes, threads, modes, dtype=dtype,
                             repeats=repeats, full=args.full, device=args.device)
