@@ -98,26 +98,11 @@ def gpu_peak_gflops(device: str, dtype: torch.dtype) -> float:
     return float("nan")
 
 
-def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:
-    """Median wall time of fn() over `repeats` calls after `warmup` calls (CUDA: synchronized
-    before and after each call, so the time covers the kernels, not just their launches)."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                      device: str = "cpu") -> Dict[str, float]:
-    """Median wall time of each fn over `repeats` rounds, every round calling each fn once in turn,
-    so that a change in the machine's load hits all of them alike (the ratios are what we report)."""
+    """Median wall time of each fn over `repeats` rounds after `warmup` calls, every round calling
+    each fn once in turn, so that a change in the machine's load hits all of them alike (the ratios
+    are what we report). CUDA: synchronized around each call, so the time covers the kernels."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
@@ -131,6 +116,12 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, warmup:
             sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:
+    """Median wall time of fn() over `repeats` calls after `warmup` calls (CUDA: synchronized
+    before and after each call, so the time covers the kernels, not just their launches)."""
+    return time_interleaved({"fn": fn}, repeats, warmup, device)["fn"]
 
 
 def _cpu_choices_pending() -> bool:
@@ -190,12 +181,22 @@ def _highway_case(model: str, batch: int, words: int, dtype: torch.dtype, backwa
                "elmo_fast": _grad_runner(lambda: functional.highway(x, weights, biases), inputs, backward)}
 
 
-def _char_ids(batch: int, words: int, text: str) -> torch.Tensor:
+def _sentence_ids(batch: int, words: int, text: str) -> torch.Tensor:
+    """(batch, words, 50) char ids of English ("english") or random ("random") words, no boundaries."""
     from elmo_fast.chars import batch_to_ids
 
     sentences = (bench_data.english_sentences if text == "english" else bench_data.random_sentences)(batch, words)
-    ids, _ = reference.add_sentence_boundaries(batch_to_ids(sentences))
+    return batch_to_ids(sentences)
+
+
+def _char_ids(batch: int, words: int, text: str) -> torch.Tensor:
+    ids, _ = reference.add_sentence_boundaries(_sentence_ids(batch, words, text))
     return ids
+
+
+def _distinct_tokens(with_boundaries: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many distinct real tokens (BOS/EOS included) the char encoder encodes after its dedup."""
+    return torch.unique(with_boundaries[mask.bool()], dim=0).shape[0]
 
 
 def _char_cnn_case(model: str, batch: int, words: int, dtype: torch.dtype, backward: bool, text: str = "english"):
@@ -218,14 +219,13 @@ def _char_encoder_case(model: str, batch: int, words: int, dtype: torch.dtype, b
                        text: str = "english"):
     """The token encoder (char-CNN, highways, projection) on every token incl. BOS/EOS; elmo_fast
     encodes each distinct token once (exact dedup), the reference every token."""
-    from elmo_fast.chars import batch_to_ids
     from elmo_fast.elmo import ElmoCharacterEncoder
 
     options, state = bench_data.model_state(model)
-    sentences = (bench_data.english_sentences if text == "english" else bench_data.random_sentences)(batch, words)
-    ids = batch_to_ids(sentences).to(_DEVICE[0])
-    with_boundaries, mask = reference.add_sentence_boundaries(ids.cpu())
-    with_boundaries = with_boundaries.to(_DEVICE[0])
+    cpu_ids = _sentence_ids(batch, words, text)
+    ids = cpu_ids.to(_DEVICE[0])
+    cpu_with_boundaries, mask = reference.add_sentence_boundaries(cpu_ids)
+    with_boundaries = cpu_with_boundaries.to(_DEVICE[0])
     module = ElmoCharacterEncoder(*bench_data.model_files(model), requires_grad=backward).to(
         device=_DEVICE[0], dtype=dtype)
     ref_state = {k: v.to(device=_DEVICE[0], dtype=dtype, copy=True).requires_grad_(backward)
@@ -234,10 +234,10 @@ def _char_encoder_case(model: str, batch: int, words: int, dtype: torch.dtype, b
                                        list(ref_state.values()), backward),
              "elmo_fast": _grad_runner(lambda: module(ids)["token_embedding"], list(module.parameters()), backward)}
     if _DEVICE[0] == "cpu" and not backward:
-        distinct = torch.unique(with_boundaries[mask.bool()], dim=0).shape[0]
         m = MODELS[model]
         impls[GEMM_FLOOR] = gemm_floor.floor_runner(
-            gemm_floor.elmo_gemms(distinct, [], m["n_highway"], NUM_FILTERS, m["dim"], m["projection_dim"]), dtype)
+            gemm_floor.elmo_gemms(_distinct_tokens(cpu_with_boundaries, mask), [], m["n_highway"], NUM_FILTERS,
+                                  m["dim"], m["projection_dim"]), dtype)
     return batch * (words + 2), impls
 
 
@@ -273,12 +273,10 @@ def _lstm_case(model: str, batch: int, words: int, dtype: torch.dtype, backward:
 
 def _elmo_case(model: str, batch: int, words: int, dtype: torch.dtype, backward: bool, text: str = "english"):
     """The whole biLM (char encoder + 2-layer biLSTM) from char ids, stateless."""
-    from elmo_fast.chars import batch_to_ids
     from elmo_fast.elmo import ElmoBiLm
 
     options, state = bench_data.model_state(model)
-    sentences = (bench_data.english_sentences if text == "english" else bench_data.random_sentences)(batch, words)
-    ids = batch_to_ids(sentences).to(_DEVICE[0])
+    ids = _sentence_ids(batch, words, text).to(_DEVICE[0])
     module = ElmoBiLm(*bench_data.model_files(model), requires_grad=backward, stateful=False).to(
         device=_DEVICE[0], dtype=dtype)
     ref_state = {k: v.to(device=_DEVICE[0], dtype=dtype, copy=True).requires_grad_(backward)
@@ -290,9 +288,8 @@ def _elmo_case(model: str, batch: int, words: int, dtype: torch.dtype, backward:
              "elmo_fast": _grad_runner(lambda: module(ids)["activations"][-1], fast_inputs, backward)}
     if _DEVICE[0] == "cpu" and not backward:
         with_boundaries, mask = reference.add_sentence_boundaries(ids.cpu())
-        distinct = torch.unique(with_boundaries[mask.bool()], dim=0).shape[0]
         m = MODELS[model]
-        gemms = gemm_floor.elmo_gemms(distinct, mask.sum(-1).tolist(), m["n_highway"], NUM_FILTERS, m["dim"],
+        gemms = gemm_floor.elmo_gemms(_distinct_tokens(with_boundaries, mask), mask.sum(-1).tolist(), m["n_highway"], NUM_FILTERS, m["dim"],
                                       m["projection_dim"])
         impls[GEMM_FLOOR] = gemm_floor.floor_runner(gemms, dtype)
     return batch * words, impls
