@@ -53,8 +53,8 @@ def c_string(value: str) -> str:
 def extension():
     cuda = want_cuda()
     debug = os.environ.get("ELMO_FAST_DEBUG") == "1"
-    sources = [os.path.relpath(p, ROOT) for p in [os.path.join(ROOT, "csrc", "ops.cpp")] + sorted(
-        glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+               + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     macros = [("Py_LIMITED_API", "0x030A0000"), ("ELMO_FAST_TORCH_VERSION", c_string(torch.__version__))]
     # Without -g the build is ~25% faster and the .so ~10x smaller; ELMO_FAST_DEBUG=1 restores it.
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]

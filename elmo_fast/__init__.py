@@ -1,4 +1,8 @@
 """elmo_fast: a fast, faithful ELMo (Peters et al. 2018) on fused C++/CUDA torch custom ops."""
+import json
+
+import torch
+
 from elmo_fast._version import __version__
 from elmo_fast import _ops  # noqa: F401  (loads _C: registers torch.ops.elmo_fast.*)
 from elmo_fast import functional, nn  # noqa: F401
@@ -18,5 +22,22 @@ def build_info() -> dict:
     return {"version": __version__, **info}
 
 
-__all__ = ["__version__", "build_info", "functional", "nn", "batch_to_ids", "Elmo", "ElmoBiLm",
+def set_kernel(family: str, mode: str) -> None:
+    """Chooses the CUDA kernel of an op family for this process, as the environment variable would.
+
+    family "char_cnn" (ELMO_FAST_CHAR_CNN_KERNEL): "auto" (default), "simt" or "tensor_core".
+    "auto" takes a fast kernel only once it has passed the CUDA tests on a real GPU
+    (kernel_info()[family]["validated"]); a kernel asked for by name runs or raises, never falls back.
+    """
+    if not isinstance(family, str) or not isinstance(mode, str):
+        raise TypeError(f"set_kernel takes two strings, got {type(family).__name__} and {type(mode).__name__}")
+    torch.ops.elmo_fast._set_kernel(family, mode)
+
+
+def kernel_info() -> dict:
+    """Per op family: the environment variable, the current mode, the choices and the validated kernels."""
+    return json.loads(torch.ops.elmo_fast._kernel_info())
+
+
+__all__ = ["__version__", "build_info", "set_kernel", "kernel_info", "functional", "nn", "batch_to_ids", "Elmo", "ElmoBiLm",
            "ElmoCharacterEncoder", "ElmoLstm", "ElmoEmbedder", "ScalarMix"]

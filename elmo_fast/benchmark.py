@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+import elmo_fast
 from elmo_fast import bench_data, functional, gemm_floor, reference
 
 # Published model sizes (spec §1): LSTM cell size n, projection P, highway layers; all share the
@@ -366,6 +367,10 @@ def machine() -> Dict[str, str]:
         info["cpu_flags"] = " ".join(f for f in flags if f.startswith(("avx", "amx", "fma")))
     except (OSError, subprocess.SubprocessError):
         pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    modes = elmo_fast.kernel_info()
+    info["cuda_kernels"] = " ".join(f"{family}={v['mode']}" for family, v in sorted(modes.items()))
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         timeout=10, cwd=os.path.dirname(__file__)).stdout.strip()

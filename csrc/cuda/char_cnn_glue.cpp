@@ -1,12 +1,17 @@
-// CUDA char-CNN op: ATen tensors -> the torch-free kernels of char_cnn.cu, on the current stream of
-// the inputs' device. float32, float16, bfloat16 storage; float accumulation and float gradients
-// workspaces, cast to the parameters' dtype at the end.
+// CUDA char-CNN op: ATen tensors -> the torch-free kernels of char_cnn.cu and char_cnn_tc.cu, on
+// the current stream of the inputs' device. float32, float16, bfloat16 storage; float accumulation
+// and float gradients workspaces, cast to the parameters' dtype at the end. The forward kernel is
+// chosen by ELMO_FAST_CHAR_CNN_KERNEL (common/kernel_choice.h): simt (char_cnn.cu, every dtype) or
+// tensor_core (char_cnn_tc.cu: half and bfloat16 on compute capability >= 8.0, shapes that fit
+// char_cnn_tc_fits); auto takes tensor_core only once it is validated (Note [validated kernels]).
 #include <algorithm>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,6 +20,7 @@
 #include <torch/library.h>
 
 #include "common/char_cnn_args.h"
+#include "common/kernel_choice.h"
 #include "cuda/dispatch.h"
 #include "elmo_fast/char_cnn_launch.h"
 
@@ -37,6 +43,51 @@ cuda::CharCnnGroups to_groups(const CharCnnShape& s) {
   return g;
 }
 
+// Why the tensor-core kernel cannot serve this call, or "" when it can.
+std::string tensor_core_obstacle(const CharCnnShape& s, const at::Tensor& embedding, const CharCnnTcLayout& layout) {
+  if (embedding.scalar_type() != at::kHalf && embedding.scalar_type() != at::kBFloat16) {
+    return "it takes float16 or bfloat16, got " + std::string(c10::toString(embedding.scalar_type()));
+  }
+  int major = 0;  // cudaDeviceGetAttribute: ATen/cuda/CUDAContext.h would need cuSPARSE's headers
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, embedding.device().index()));
+  if (major < 8) {
+    return "it needs a GPU of compute capability 8.0 or newer";
+  }
+  if (!char_cnn_tc_fits(layout)) {
+    return "the shape does not fit it (C = " + std::to_string(s.C) + ", d = " + std::to_string(s.d) +
+           ", widest filter " + std::to_string(s.w_max) + ": at most " + std::to_string(kCharCnnTcMaxKSteps * 16) +
+           " padded window values and " + std::to_string(kCharCnnTcMaxShared) + " bytes of staged chars)";
+  }
+  return "";
+}
+
+bool use_tensor_core(const CharCnnShape& s, const at::Tensor& embedding, const CharCnnTcLayout& layout) {
+  const std::string mode = kernels::mode(kernels::Family::kCharCnn);
+  if (mode == "simt") return false;
+  const std::string obstacle = tensor_core_obstacle(s, embedding, layout);
+  if (mode == "tensor_core") {
+    TORCH_CHECK(obstacle.empty(), "char_cnn: the tensor_core kernel was asked for (ELMO_FAST_CHAR_CNN_KERNEL or ",
+                "elmo_fast.set_kernel) but ", obstacle, "; use 'auto' or 'simt'");
+    return true;
+  }
+  return obstacle.empty() && kernels::validated(kernels::Family::kCharCnn, "tensor_core");
+}
+
+// emb (V, d) -> (V, dp) and the weights -> the (Kp, Fp) B-matrix, zero-padded
+// (Note [char-CNN on tensor cores]).
+std::tuple<at::Tensor, at::Tensor> pad_for_tensor_core(const at::Tensor& emb, at::TensorList weight,
+                                                       const CharCnnShape& s, const CharCnnTcLayout& l) {
+  const int64_t extra = l.dp - s.d;
+  std::vector<at::Tensor> padded;
+  for (const at::Tensor& w : weight) padded.push_back(at::constant_pad_nd(w, {0, 0, 0, extra}));  // (m, dp, w)
+  CharCnnShape sp = s;
+  sp.d = l.dp;
+  sp.K = s.w_max * l.dp;
+  const at::Tensor packed = pack_char_cnn_weight(padded, sp, emb.scalar_type());  // (F, w_max * dp)
+  return {at::constant_pad_nd(emb, {0, extra}).contiguous(),
+          at::constant_pad_nd(packed, {0, l.Kp - sp.K, 0, l.Fp - s.F}).t().contiguous()};
+}
+
 std::tuple<at::Tensor, at::Tensor> char_cnn_cuda(const at::Tensor& char_ids, const at::Tensor& embedding,
                                                  at::TensorList weight, at::TensorList bias,
                                                  c10::string_view activation, bool save_activations) {
@@ -50,9 +101,27 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cuda(const at::Tensor& char_ids, con
   const cuda::CharCnnGroups groups = to_groups(s);
   const at::Tensor ids = char_ids.contiguous();
   const at::Tensor emb = embedding.contiguous();
-  const at::Tensor packed_t = pack_char_cnn_weight(weight, s, embedding.scalar_type()).t().contiguous();
   const at::Tensor bias_cat = at::cat(bias, 0).contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(embedding.device().index());
+  const CharCnnTcLayout layout = char_cnn_tc_layout(s.C, s.d, s.w_min, s.w_max, s.F);
+  if (use_tensor_core(s, embedding, layout)) {
+    at::Tensor emb_p, packed_p;
+    std::tie(emb_p, packed_p) = pad_for_tensor_core(emb, weight, s, layout);
+    auto launch = [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      C10_CUDA_CHECK(cuda::launch_char_cnn_forward_tc(
+          ids.data_ptr<int64_t>(), device_ptr<const T>(emb_p), device_ptr<const T>(packed_p),
+          device_ptr<const T>(bias_cat), device_ptr<T>(out), save_activations ? win.data_ptr<int16_t>() : nullptr,
+          s.N, s.C, s.V, s.F, s.w_min, layout, groups, use_tanh, stream));
+    };
+    if (embedding.scalar_type() == at::kHalf) {
+      launch(TypeTag<__half>{});
+    } else {
+      launch(TypeTag<__nv_bfloat16>{});
+    }
+    return {out, win};
+  }
+  const at::Tensor packed_t = pack_char_cnn_weight(weight, s, embedding.scalar_type()).t().contiguous();
   dispatch_cuda_float_types(embedding.scalar_type(), "char_cnn_cuda", [&](auto tag) {
     using T = typename decltype(tag)::type;
     C10_CUDA_CHECK(cuda::launch_char_cnn_forward(

@@ -10,6 +10,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "elmo_fast/char_cnn_tc_layout.h"
+
 namespace elmo_fast {
 namespace cuda {
 
@@ -31,6 +33,15 @@ cudaError_t launch_char_cnn_forward(const int64_t* ids, const T* emb, const T* p
                                     int16_t* windows /* nullable */, int64_t N, int64_t C, int64_t V, int64_t d,
                                     int64_t F, int64_t K, const CharCnnGroups& groups, bool use_tanh,
                                     cudaStream_t stream);
+
+// The tensor-core forward (char_cnn_tc.cu; T = __half or __nv_bfloat16 only), same outputs as
+// launch_char_cnn_forward. emb_p (V, dp) and packed_p (Kp, Fp) are emb and packed_t zero-padded to
+// `layout` (channels per char to dp, then the window to Kp and the filters to Fp).
+template <typename T>
+cudaError_t launch_char_cnn_forward_tc(const int64_t* ids, const T* emb_p, const T* packed_p, const T* bias, T* out,
+                                       int16_t* windows /* nullable */, int64_t N, int64_t C, int64_t V, int64_t F,
+                                       int64_t w_min, const CharCnnTcLayout& layout, const CharCnnGroups& groups,
+                                       bool use_tanh, cudaStream_t stream);
 
 // Backward, in three deterministic steps and one atomic one:
 //   g (N, F) float = grad_out * act'(out);

@@ -1,0 +1,27 @@
+// Which CUDA kernel serves an op family, chosen by the user (environment or elmo_fast.set_kernel)
+// and, in "auto", by what has been validated on a real GPU (Note [validated kernels]).
+//   ELMO_FAST_CHAR_CNN_KERNEL = auto | simt | tensor_core
+// The value is read from the environment at first use; set_mode overrides it. Compiled into every
+// build (CPU-only too), so a bad value is the same clear error everywhere.
+#pragma once
+
+#include <string>
+
+namespace elmo_fast::kernels {
+
+enum class Family : int { kCharCnn = 0 };
+
+// "auto" or one of the family's explicit kernels; throws on an unknown family or value.
+std::string mode(Family family);
+void set_mode(const std::string& family, const std::string& mode);
+// {"char_cnn": {"env": ..., "mode": ..., "choices": [...], "validated": [...]}} as JSON.
+std::string info_json();
+
+// Note [validated kernels]
+// A kernel that has never run on a GPU must not become anyone's default: "auto" only picks a fast
+// path listed here, and a kernel is listed only after scripts/gpu-verify has passed the CUDA tests
+// with it forced (ELMO_FAST_<FAMILY>_KERNEL=<kernel>), recorded under bench/results/ with the
+// device, date and commit. Until then the fast path runs only when asked for by name.
+bool validated(Family family, const std::string& kernel);
+
+}  // namespace elmo_fast::kernels

@@ -1,0 +1,132 @@
+// Kernel selection per op family (csrc/common/kernel_choice.h) and its private ops.
+#include "common/kernel_choice.h"
+
+#include "elmo_fast/char_cnn_tc_layout.h"
+
+#include <array>
+#include <cstdlib>
+#include <mutex>
+#include <sstream>
+#include <vector>
+
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+namespace elmo_fast::kernels {
+namespace {
+
+struct FamilyInfo {
+  const char* name;
+  const char* env;
+  std::vector<std::string> choices;    // without "auto"
+  std::vector<std::string> validated;  // Note [validated kernels]: the fast paths auto may pick
+};
+
+const std::array<FamilyInfo, 1>& families() {
+  static const std::array<FamilyInfo, 1> all{{
+      // tensor_core: written without a GPU (2026-12-02), not yet run on one.
+      {"char_cnn", "ELMO_FAST_CHAR_CNN_KERNEL", {"simt", "tensor_core"}, {}},
+  }};
+  return all;
+}
+
+std::mutex g_mutex;
+std::array<std::string, 1> g_modes;  // "" = not read from the environment yet
+
+const FamilyInfo& info_of(Family f) { return families()[static_cast<int>(f)]; }
+
+std::string checked(const FamilyInfo& fam, const std::string& value, const char* source) {
+  if (value == "auto") return value;
+  for (const std::string& c : fam.choices) {
+    if (value == c) return value;
+  }
+  std::ostringstream allowed;
+  allowed << "'auto'";
+  for (const std::string& c : fam.choices) allowed << ", '" << c << "'";
+  TORCH_CHECK_VALUE(false, source, " must be one of ", allowed.str(), ", got '", value, "'");
+}
+
+std::string mode_locked(Family f) {
+  std::string& m = g_modes[static_cast<int>(f)];
+  if (m.empty()) {
+    const FamilyInfo& fam = info_of(f);
+    const char* env = std::getenv(fam.env);
+    m = env != nullptr && *env != '\0' ? checked(fam, env, fam.env) : "auto";
+  }
+  return m;
+}
+
+}  // namespace
+
+std::string mode(Family f) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return mode_locked(f);
+}
+
+void set_mode(const std::string& family, const std::string& value) {
+  for (size_t i = 0; i < families().size(); ++i) {
+    if (family == families()[i].name) {
+      const std::string m = checked(families()[i], value, ("elmo_fast kernel for " + family).c_str());
+      std::lock_guard<std::mutex> lock(g_mutex);
+      g_modes[i] = m;
+      return;
+    }
+  }
+  TORCH_CHECK_VALUE(false, "elmo_fast: unknown kernel family '", family, "' (known: 'char_cnn')");
+}
+
+bool validated(Family f, const std::string& kernel) {
+  for (const std::string& v : info_of(f).validated) {
+    if (v == kernel) return true;
+  }
+  return false;
+}
+
+std::string info_json() {
+  std::ostringstream s;
+  s << "{";
+  for (size_t i = 0; i < families().size(); ++i) {
+    const FamilyInfo& fam = families()[i];
+    auto list = [&](const std::vector<std::string>& v) {
+      s << "[";
+      for (size_t k = 0; k < v.size(); ++k) s << (k ? ", " : "") << "\"" << v[k] << "\"";
+      s << "]";
+    };
+    s << (i ? ", " : "") << "\"" << fam.name << "\": {\"env\": \"" << fam.env << "\", \"mode\": \""
+      << mode(static_cast<Family>(i)) << "\", \"choices\": ";
+    list(fam.choices);
+    s << ", \"validated\": ";
+    list(fam.validated);
+    s << "}";
+  }
+  s << "}";
+  return s.str();
+}
+
+}  // namespace elmo_fast::kernels
+
+namespace {
+
+void set_kernel_op(c10::string_view family, c10::string_view mode) {
+  elmo_fast::kernels::set_mode(std::string(family), std::string(mode));
+}
+
+std::string kernel_info_op() { return elmo_fast::kernels::info_json(); }
+
+// [dp, Kp, Fp, ksteps, slot, shared_bytes, grid_y, fits] of the tensor-core char-CNN for a shape,
+// so that the layout's invariants are tested in every build (the kernel itself needs a GPU).
+std::vector<int64_t> char_cnn_tc_layout_op(int64_t C, int64_t d, int64_t w_min, int64_t w_max, int64_t F) {
+  TORCH_CHECK(d >= 1 && F >= 1 && 1 <= w_min && w_min <= w_max && w_max <= C,
+              "_char_cnn_tc_layout: needs d, F >= 1 and 1 <= w_min <= w_max <= C");
+  const elmo_fast::CharCnnTcLayout l = elmo_fast::char_cnn_tc_layout(C, d, w_min, w_max, F);
+  return {l.dp, l.Kp, l.Fp, l.ksteps, l.slot, static_cast<int64_t>(l.shared_bytes), l.grid_y,
+          elmo_fast::char_cnn_tc_fits(l) ? 1 : 0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(elmo_fast, m) {
+  m.def("_set_kernel(str family, str mode) -> ()", &set_kernel_op);
+  m.def("_kernel_info() -> str", &kernel_info_op);
+  m.def("_char_cnn_tc_layout(int C, int d, int w_min, int w_max, int F) -> int[]", &char_cnn_tc_layout_op);
+}
