@@ -22,16 +22,19 @@ struct FamilyInfo {
   std::vector<std::string> validated;  // Note [validated kernels]: the fast paths auto may pick
 };
 
-const std::array<FamilyInfo, 1>& families() {
-  static const std::array<FamilyInfo, 1> all{{
-      // tensor_core: written without a GPU (2026-12-02), not yet run on one.
+constexpr size_t kFamilies = 2;
+
+const std::array<FamilyInfo, kFamilies>& families() {
+  // tensor_core and streams: written without a GPU (2026-12-02), not yet run on one.
+  static const std::array<FamilyInfo, kFamilies> all{{
       {"char_cnn", "ELMO_FAST_CHAR_CNN_KERNEL", {"simt", "tensor_core"}, {}},
+      {"cuda_directions", "ELMO_FAST_CUDA_DIRECTIONS", {"serial", "streams"}, {}},
   }};
   return all;
 }
 
 std::mutex g_mutex;
-std::array<std::string, 1> g_modes;  // "" = not read from the environment yet
+std::array<std::string, kFamilies> g_modes;  // "" = not read from the environment yet
 
 const FamilyInfo& info_of(Family f) { return families()[static_cast<int>(f)]; }
 
@@ -72,7 +75,7 @@ void set_mode(const std::string& family, const std::string& value) {
       return;
     }
   }
-  TORCH_CHECK_VALUE(false, "elmo_fast: unknown kernel family '", family, "' (known: 'char_cnn')");
+  TORCH_CHECK_VALUE(false, "elmo_fast: unknown kernel family '", family, "' (known: 'char_cnn', 'cuda_directions')");
 }
 
 bool validated(Family f, const std::string& kernel) {

@@ -1,6 +1,9 @@
-// Which CUDA kernel serves an op family, chosen by the user (environment or elmo_fast.set_kernel)
-// and, in "auto", by what has been validated on a real GPU (Note [validated kernels]).
-//   ELMO_FAST_CHAR_CNN_KERNEL = auto | simt | tensor_core
+// Which CUDA kernel (or way of running kernels) serves an op family, chosen by the user (environment
+// or elmo_fast.set_kernel) and, in "auto", by what has been validated on a real GPU
+// (Note [validated kernels]):
+//   ELMO_FAST_CHAR_CNN_KERNEL = auto | simt | tensor_core     (family "char_cnn")
+//   ELMO_FAST_CUDA_DIRECTIONS = auto | serial | streams       (family "cuda_directions": the two
+//       directions of an LSTM layer one after the other on the current stream, or on two streams)
 // The value is read from the environment at first use; set_mode overrides it. Compiled into every
 // build (CPU-only too), so a bad value is the same clear error everywhere.
 #pragma once
@@ -9,12 +12,12 @@
 
 namespace elmo_fast::kernels {
 
-enum class Family : int { kCharCnn = 0 };
+enum class Family : int { kCharCnn = 0, kCudaDirections = 1 };
 
 // "auto" or one of the family's explicit kernels; throws on an unknown family or value.
 std::string mode(Family family);
 void set_mode(const std::string& family, const std::string& mode);
-// {"char_cnn": {"env": ..., "mode": ..., "choices": [...], "validated": [...]}} as JSON.
+// {family: {"env": ..., "mode": ..., "choices": [...], "validated": [...]}} as JSON.
 std::string info_json();
 
 // Note [validated kernels]
@@ -23,5 +26,11 @@ std::string info_json();
 // with it forced (ELMO_FAST_<FAMILY>_KERNEL=<kernel>), recorded under bench/results/ with the
 // device, date and commit. Until then the fast path runs only when asked for by name.
 bool validated(Family family, const std::string& kernel);
+
+// Whether `kernel` runs: asked for by name, or "auto" and validated.
+inline bool chosen(Family family, const std::string& kernel) {
+  const std::string m = mode(family);
+  return m == kernel || (m == "auto" && validated(family, kernel));
+}
 
 }  // namespace elmo_fast::kernels

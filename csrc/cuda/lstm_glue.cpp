@@ -7,12 +7,14 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "common/lstm_driver.h"
+#include "common/kernel_choice.h"
 #include "common/lstm_pair.h"
 #include "cuda/dispatch.h"
 #include "elmo_fast/lstm_launch.h"
@@ -88,19 +90,81 @@ lstm_projection_backward_cuda(const at::Tensor& grad_out, const at::Tensor& grad
                               has_bias, cell_clip, proj_clip, reverse, CudaLstmPointwise{});
 }
 
-// The directions run one after the other on the current stream. (Two streams could overlap them; not
-// done until a GPU session measures whether the stepwise kernels leave the GPU idle enough to pay.)
-void run_in_order(const std::string&, double, const std::function<void(int)>& job) {
-  job(0);
-  job(1);
+// Note [directions on two streams]
+// The two directions of a layer are independent chains of small kernels (at ELMo's batch sizes one
+// step's GEMMs fill a fraction of the GPU), so ELMO_FAST_CUDA_DIRECTIONS=streams runs each on its
+// own stream from torch's pool: both wait for the caller's stream (their inputs come from it), the
+// caller's stream waits for both before anything else runs on it, and every output, allocated on a
+// side stream, is recorded on the caller's stream so that the caching allocator does not hand its
+// memory to the side stream again while the caller's kernels may still read it. Temporaries live
+// and die on their side stream. The same pattern is what torch.cuda.graph capture needs, so
+// capture works too. Serial (the default until validated, Note [validated kernels]) runs the
+// directions one after the other on the caller's stream.
+class CudaEvent {
+ public:
+  CudaEvent() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming)); }
+  ~CudaEvent() { cudaEventDestroy(event_); }
+  CudaEvent(const CudaEvent&) = delete;
+  CudaEvent& operator=(const CudaEvent&) = delete;
+  void record(cudaStream_t s) { C10_CUDA_CHECK(cudaEventRecord(event_, s)); }
+  void block(cudaStream_t s) { C10_CUDA_CHECK(cudaStreamWaitEvent(s, event_, 0)); }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+bool directions_on_streams() { return kernels::chosen(kernels::Family::kCudaDirections, "streams"); }
+
+void record_on(const TensorVec& outputs, const c10::cuda::CUDAStream& stream) {
+  for (const at::Tensor& t : outputs) {
+    if (t.defined() && t.numel() > 0) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
+  }
+}
+
+// run_pair for lstm_pair.h; `outputs(i)` lists direction i's results once job(i) has run.
+template <class Outputs>
+void run_directions(const std::function<void(int)>& job, const Outputs& outputs, c10::DeviceIndex device) {
+  if (!directions_on_streams()) {
+    job(0);
+    job(1);
+    return;
+  }
+  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(device);
+  CudaEvent inputs_ready, done[2];
+  inputs_ready.record(caller.stream());
+  for (int i = 0; i < 2; ++i) {
+    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device);
+    inputs_ready.block(side.stream());
+    {
+      const c10::cuda::CUDAStreamGuard on_side(side);
+      job(i);
+    }
+    record_on(outputs(i), caller);
+    done[i].record(side.stream());
+  }
+  done[0].block(caller.stream());
+  done[1].block(caller.stream());
 }
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> lstm_bidirectional_cuda(
     at::TensorList x, const at::Tensor& lengths, at::TensorList w_ih, at::TensorList w_hh, const OptTensorList& bias,
     const OptTensorList& w_proj, at::TensorList h0, at::TensorList c0, double cell_clip, double proj_clip,
     bool save_activations) {
+  TORCH_CHECK(!x.empty(), "lstm_bidirectional: x must hold 2 tensors (forward, reverse), got 0");
+  const c10::cuda::CUDAGuard guard(x[0].device());
+  TensorVec out(2), h_n(2), c_n(2), act(2);
+  auto single = [&](const at::Tensor& xi, const at::Tensor& len, const at::Tensor& wi, const at::Tensor& wh,
+                    const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& wp, const at::Tensor& h,
+                    const at::Tensor& c, double cc, double pc, bool reverse, bool save) {
+    const int i = reverse ? 1 : 0;
+    std::tie(out[i], h_n[i], c_n[i], act[i]) = lstm_projection_cuda(xi, len, wi, wh, b, wp, h, c, cc, pc, reverse, save);
+    return std::make_tuple(out[i], h_n[i], c_n[i], act[i]);
+  };
+  auto run_pair = [&](const std::string&, double, const std::function<void(int)>& job) {
+    run_directions(job, [&](int i) { return TensorVec{out[i], h_n[i], c_n[i], act[i]}; }, x[0].device().index());
+  };
   return lstm_pair_forward(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, save_activations,
-                           lstm_projection_cuda, run_in_order);
+                           single, run_pair);
 }
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, TensorVec, TensorVec, TensorVec>
@@ -109,8 +173,23 @@ lstm_bidirectional_backward_cuda(at::TensorList grad_out, at::TensorList grad_h_
                                  at::TensorList w_hh, const OptTensorList& w_proj, at::TensorList h0,
                                  at::TensorList c0, at::TensorList out, at::TensorList activations, bool has_bias,
                                  double cell_clip, double proj_clip) {
+  TORCH_CHECK(!x.empty(), "lstm_bidirectional_backward: x must hold 2 tensors (forward, reverse), got 0");
+  const c10::cuda::CUDAGuard guard(x[0].device());
+  std::vector<TensorVec> grads(2);
+  auto single = [&](const at::Tensor& go, const at::Tensor& ghn, const at::Tensor& gcn, const at::Tensor& xi,
+                    const at::Tensor& len, const at::Tensor& wi, const at::Tensor& wh,
+                    const std::optional<at::Tensor>& wp, const at::Tensor& h, const at::Tensor& c,
+                    const at::Tensor& o, const at::Tensor& a, bool hb, double cc, double pc, bool reverse) {
+    auto g = lstm_projection_backward_cuda(go, ghn, gcn, xi, len, wi, wh, wp, h, c, o, a, hb, cc, pc, reverse);
+    grads[reverse ? 1 : 0] = {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g),
+                              std::get<4>(g), std::get<5>(g), std::get<6>(g)};
+    return g;
+  };
+  auto run_pair = [&](const std::string&, double, const std::function<void(int)>& job) {
+    run_directions(job, [&](int i) { return grads[i]; }, x[0].device().index());
+  };
   return lstm_pair_backward(grad_out, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_proj, h0, c0, out, activations,
-                            has_bias, cell_clip, proj_clip, lstm_projection_backward_cuda, run_in_order);
+                            has_bias, cell_clip, proj_clip, single, run_pair);
 }
 
 }  // namespace
