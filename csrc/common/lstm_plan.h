@@ -31,10 +31,17 @@ struct LstmPlan {
   at::Tensor last_index;                       // (B,) sorted position -> Hbuf row of its final h
 };
 
+// On a GPU the indices go up through pinned memory without blocking: a copy from pageable memory
+// waits for the whole device (four such waits per direction and layer stalled the host behind the
+// previous layer's kernels) and cannot be captured in a CUDA graph. torch's pinned allocator keeps
+// the block until the copy has run, and forever when it was made during a capture (graphs replay
+// the copy from it).
 inline at::Tensor index_tensor(const std::vector<int64_t>& v, const at::Device& device) {
-  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kLong));
+  at::TensorOptions host = at::TensorOptions().dtype(at::kLong);
+  if (device.is_cuda()) host = host.pinned_memory(true);
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, host);
   std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
-  return device.is_cpu() ? t : t.to(device);
+  return device.is_cpu() ? t : t.to(device, at::kLong, /*non_blocking=*/true);
 }
 
 inline LstmPlan make_lstm_plan(const at::Tensor& lengths, int64_t B, int64_t T, bool reverse,
