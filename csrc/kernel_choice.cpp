@@ -22,13 +22,14 @@ struct FamilyInfo {
   std::vector<std::string> validated;  // Note [validated kernels]: the fast paths auto may pick
 };
 
-constexpr size_t kFamilies = 2;
+constexpr size_t kFamilies = 3;
 
 const std::array<FamilyInfo, kFamilies>& families() {
-  // tensor_core and streams: written without a GPU (2026-12-02), not yet run on one.
+  // tensor_core, streams and on: written without a GPU (2026-12-02), not yet run on one.
   static const std::array<FamilyInfo, kFamilies> all{{
       {"char_cnn", "ELMO_FAST_CHAR_CNN_KERNEL", {"simt", "tensor_core"}, {}},
       {"cuda_directions", "ELMO_FAST_CUDA_DIRECTIONS", {"serial", "streams"}, {}},
+      {"cuda_graphs", "ELMO_FAST_CUDA_GRAPHS", {"off", "on"}, {}},
   }};
   return all;
 }
@@ -66,16 +67,18 @@ std::string mode(Family f) {
   return mode_locked(f);
 }
 
-void set_mode(const std::string& family, const std::string& value) {
+Family family_named(const std::string& family) {
   for (size_t i = 0; i < families().size(); ++i) {
-    if (family == families()[i].name) {
-      const std::string m = checked(families()[i], value, ("elmo_fast kernel for " + family).c_str());
-      std::lock_guard<std::mutex> lock(g_mutex);
-      g_modes[i] = m;
-      return;
-    }
+    if (family == families()[i].name) return static_cast<Family>(i);
   }
-  TORCH_CHECK_VALUE(false, "elmo_fast: unknown kernel family '", family, "' (known: 'char_cnn', 'cuda_directions')");
+  TORCH_CHECK_VALUE(false, "elmo_fast: unknown kernel family '", family, "' (known: 'char_cnn', 'cuda_directions', 'cuda_graphs')");
+}
+
+void set_mode(const std::string& family, const std::string& value) {
+  const FamilyInfo& fam = info_of(family_named(family));
+  const std::string m = checked(fam, value, ("elmo_fast kernel for " + family).c_str());
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_modes[static_cast<int>(family_named(family))] = m;
 }
 
 bool validated(Family f, const std::string& kernel) {
@@ -116,6 +119,10 @@ void set_kernel_op(c10::string_view family, c10::string_view mode) {
 
 std::string kernel_info_op() { return elmo_fast::kernels::info_json(); }
 
+bool kernel_chosen_op(c10::string_view family, c10::string_view kernel) {
+  return elmo_fast::kernels::chosen(elmo_fast::kernels::family_named(std::string(family)), std::string(kernel));
+}
+
 // [dp, Kp, Fp, ksteps, slot, shared_bytes, grid_y, fits] of the tensor-core char-CNN for a shape,
 // so that the layout's invariants are tested in every build (the kernel itself needs a GPU).
 std::vector<int64_t> char_cnn_tc_layout_op(int64_t C, int64_t d, int64_t w_min, int64_t w_max, int64_t F) {
@@ -131,5 +138,6 @@ std::vector<int64_t> char_cnn_tc_layout_op(int64_t C, int64_t d, int64_t w_min, 
 TORCH_LIBRARY_FRAGMENT(elmo_fast, m) {
   m.def("_set_kernel(str family, str mode) -> ()", &set_kernel_op);
   m.def("_kernel_info() -> str", &kernel_info_op);
+  m.def("_kernel_chosen(str family, str kernel) -> bool", &kernel_chosen_op);
   m.def("_char_cnn_tc_layout(int C, int d, int w_min, int w_max, int F) -> int[]", &char_cnn_tc_layout_op);
 }

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from elmo_fast import functional
+from elmo_fast import cuda_graphs, functional
 from elmo_fast.nn.lstm import LstmCellWithProjection
 from elmo_fast.chars import BOS_CHARS, EOS_CHARS, MAX_CHARS, N_CHARACTERS, token_to_ids
 from elmo_fast.weights import load_weights
@@ -280,6 +280,7 @@ class ElmoLstm(nn.Module):
         self.stateful = stateful
         self.cell_clip_value, self.proj_clip_value = memory_cell_clip_value, state_projection_clip_value
         self._states: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._graphs: Optional[cuda_graphs.GraphCache] = None  # Note [CUDA graphs]
         forward_layers, backward_layers = [], []
         lstm_input_size = input_size
         for layer_index in range(num_layers):
@@ -340,6 +341,39 @@ class ElmoLstm(nn.Module):
         batch = inputs.shape[0]
         lengths = mask.long().sum(dim=-1).cpu()
         h0, c0 = self._initial_state(batch, inputs)
+        if self.num_layers == 0:
+            return inputs.new_zeros(0, batch, inputs.shape[1], 2 * self.hidden_size)
+        if self._use_graphs(inputs, h0):
+            key = (tuple(inputs.shape), inputs.dtype, inputs.device, tuple(lengths.tolist()),
+                   tuple(p.data_ptr() for p in self.parameters()), self.cell_clip_value, self.proj_clip_value)
+            outputs, h_n, c_n = self._graphs(key, lambda x, h, c: self._run_stack(x, lengths, h, c), inputs, h0, c0)
+        else:
+            outputs, h_n, c_n = self._run_stack(inputs, lengths, h0, c0)
+        if self.stateful:
+            self._update_states(h_n, c_n)
+        return outputs
+
+    def _use_graphs(self, inputs: torch.Tensor, h0: torch.Tensor) -> bool:
+        """Note [CUDA graphs] (elmo_fast/cuda_graphs.py): inference on CUDA, when asked for."""
+        if inputs.device.type != "cuda" or inputs.shape[0] == 0 or torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and (inputs.requires_grad or h0.requires_grad or
+                                        any(p.requires_grad for p in self.parameters())):
+            return False
+        if not cuda_graphs.enabled():
+            return False
+        if self._graphs is None:
+            self._graphs = cuda_graphs.GraphCache()
+        return True
+
+    def __getstate__(self):  # captured graphs are neither copied nor pickled
+        state = self.__dict__.copy()
+        state["_graphs"] = None
+        return state
+
+    def _run_stack(self, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor):
+        """The layers over inputs (B, T, I) with lengths (B,) on the CPU -> (L, B, T, 2P), h_n, c_n:
+        no host synchronisation, so that a CUDA graph can capture it."""
         p, n = self.hidden_size, self.cell_size
         in_fwd = in_bwd = inputs
         outputs, h_n, c_n = [], [], []
@@ -357,11 +391,7 @@ class ElmoLstm(nn.Module):
             h_n.append(torch.cat([h_fwd, h_bwd], dim=-1))
             c_n.append(torch.cat([c_fwd, c_bwd], dim=-1))
             in_fwd, in_bwd = out_fwd, out_bwd
-        if self.stateful and self.num_layers > 0:
-            self._update_states(torch.stack(h_n), torch.stack(c_n))
-        if not outputs:
-            return inputs.new_zeros(0, batch, inputs.shape[1], 2 * p)
-        return torch.stack(outputs)
+        return torch.stack(outputs), torch.stack(h_n), torch.stack(c_n)
 
 
 # --- biLM ---------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
 //   ELMO_FAST_CHAR_CNN_KERNEL = auto | simt | tensor_core     (family "char_cnn")
 //   ELMO_FAST_CUDA_DIRECTIONS = auto | serial | streams       (family "cuda_directions": the two
 //       directions of an LSTM layer one after the other on the current stream, or on two streams)
+//   ELMO_FAST_CUDA_GRAPHS = auto | off | on                   (family "cuda_graphs": ElmoLstm's
+//       inference forward replayed from captured CUDA graphs, elmo_fast/cuda_graphs.py)
 // The value is read from the environment at first use; set_mode overrides it. Compiled into every
 // build (CPU-only too), so a bad value is the same clear error everywhere.
 #pragma once
@@ -12,11 +14,12 @@
 
 namespace elmo_fast::kernels {
 
-enum class Family : int { kCharCnn = 0, kCudaDirections = 1 };
+enum class Family : int { kCharCnn = 0, kCudaDirections = 1, kCudaGraphs = 2 };
 
 // "auto" or one of the family's explicit kernels; throws on an unknown family or value.
 std::string mode(Family family);
 void set_mode(const std::string& family, const std::string& mode);
+Family family_named(const std::string& family);  // throws on an unknown name
 // {family: {"env": ..., "mode": ..., "choices": [...], "validated": [...]}} as JSON.
 std::string info_json();
 
