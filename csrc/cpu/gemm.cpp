@@ -30,7 +30,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
-#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -44,6 +43,7 @@
 
 #include "cpu/gemm_cache.h"
 #include "cpu/onednn_ops.h"
+#include "cpu/timed_choice.h"
 
 namespace elmo_fast::cpu_gemm {
 namespace {
@@ -81,19 +81,12 @@ Mode mode() {
 
 const char* mode_name(int m) { return m == kMm ? "mm" : m == kOnednn ? "onednn" : "auto"; }
 
-// Note [measured path]: per shape class, the timings of each path and, once both have kTrials, the choice.
+// Note [measured path]: per shape class a TimedChoice (cpu/timed_choice.h) of mm and oneDNN.
 // The first kWarmup calls of a class run oneDNN untimed: a path's first calls pay for page faults on
 // fresh outputs and cold packed weights (up to 2x its steady time, measured).
 constexpr int kWarmup = 4;
 constexpr int kTrials = 3;
-
-struct PathRecord {
-  int seen = 0, mm_runs = 0, onednn_runs = 0;
-  double best_mm = std::numeric_limits<double>::infinity();
-  double best_onednn = std::numeric_limits<double>::infinity();
-  bool decided() const { return mm_runs >= kTrials && onednn_runs >= kTrials; }
-  bool onednn_wins() const { return best_onednn <= best_mm; }
-};
+constexpr int kMmWay = TimedChoice::kDefault, kOnednnWay = TimedChoice::kAlternative;
 
 // dtype, orientation, M rounded down to a power of two (exact below 8), N, K, threads in use.
 struct ShapeClass {
@@ -123,7 +116,9 @@ ShapeClass shape_class(const at::Tensor& weight, Orientation orientation, int64_
 
 std::atomic<bool> g_measure{true};
 std::mutex g_records_mutex;
-std::map<ShapeClass, PathRecord> g_records;
+std::map<ShapeClass, TimedChoice> g_records;
+
+bool onednn_wins(const TimedChoice& r) { return r.best[kOnednnWay] <= r.best[kMmWay]; }  // ties: oneDNN
 
 // What one call runs: oneDNN with `packed` when defined, else mm; with `trial` set the call is one
 // of the timed trials of that shape class (Timer records it).
@@ -144,14 +139,14 @@ Pick choose(const at::Tensor& weight, Orientation orientation, int64_t M, int64_
   bool trial_onednn = true;
   {
     std::lock_guard<std::mutex> lock(g_records_mutex);
-    PathRecord& r = g_records[*trial];
-    if (r.decided()) {
-      if (!r.onednn_wins()) return {};
+    TimedChoice& r = g_records[*trial];
+    if (r.decided(kTrials)) {
+      if (!onednn_wins(r)) return {};
       trial.reset();
-    } else if (r.seen++ < kWarmup) {
+    } else if (r.calls++ < kWarmup) {
       trial.reset();
     } else {
-      trial_onednn = r.onednn_runs <= r.mm_runs;
+      trial_onednn = r.next_trial() == kOnednnWay;
     }
   }
   if (!trial_onednn) return {at::Tensor(), trial};
@@ -168,14 +163,7 @@ class Timer {
     if (!pick_.trial.has_value()) return;
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
     std::lock_guard<std::mutex> lock(g_records_mutex);
-    PathRecord& r = g_records[*pick_.trial];
-    if (pick_.packed.defined()) {
-      ++r.onednn_runs;
-      r.best_onednn = std::min(r.best_onednn, s);
-    } else {
-      ++r.mm_runs;
-      r.best_mm = std::min(r.best_mm, s);
-    }
+    g_records[*pick_.trial].add(pick_.packed.defined() ? kOnednnWay : kMmWay, s);
   }
   Timer(const Timer&) = delete;
   Timer& operator=(const Timer&) = delete;
@@ -300,9 +288,9 @@ std::string decisions_json() {
   std::lock_guard<std::mutex> lock(g_records_mutex);
   bool first = true;
   for (const auto& [key, r] : g_records) {
-    s << (first ? "" : ", ") << "\"" << key.name() << "\": {\"mm_us\": " << (r.mm_runs ? r.best_mm * 1e6 : -1.0)
-      << ", \"onednn_us\": " << (r.onednn_runs ? r.best_onednn * 1e6 : -1.0) << ", \"choice\": \""
-      << (!r.decided() ? "measuring" : r.onednn_wins() ? "onednn" : "mm") << "\"}";
+    s << (first ? "" : ", ") << "\"" << key.name() << "\": {\"mm_us\": " << r.best_in(kMmWay, 1e6)
+      << ", \"onednn_us\": " << r.best_in(kOnednnWay, 1e6) << ", \"choice\": \""
+      << (!r.decided(kTrials) ? "measuring" : onednn_wins(r) ? "onednn" : "mm") << "\"}";
     first = false;
   }
   s << "}";

@@ -19,7 +19,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
-#include <limits>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -27,6 +26,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/util/Exception.h>
+
+#include "cpu/timed_choice.h"
 
 namespace elmo_fast::cpu_pair {
 namespace {
@@ -57,14 +58,13 @@ Mode mode() {
   return static_cast<Mode>(m);
 }
 
-struct Record {
-  int calls = 0, serial_runs = 0, concurrent_runs = 0;
-  double best_serial = std::numeric_limits<double>::infinity();
-  double best_concurrent = std::numeric_limits<double>::infinity();
-};
+// Per shape class a TimedChoice (cpu/timed_choice.h) of one after the other and side by side.
+constexpr int kSerialWay = TimedChoice::kDefault, kConcurrentWay = TimedChoice::kAlternative;
 
 std::mutex g_mutex;
-std::map<std::string, Record> g_records;
+std::map<std::string, TimedChoice> g_records;
+
+bool concurrent_wins(const TimedChoice& r) { return r.best[kConcurrentWay] < r.best[kSerialWay]; }  // ties: serial
 
 struct Choice {
   bool side_by_side = false, timed = false;
@@ -82,22 +82,15 @@ Choice choose(const std::string& key, double flops, int threads) {
   }
   if (flops < kMinAutoFlops) return {};
   std::lock_guard<std::mutex> lock(g_mutex);
-  Record& r = g_records[key];
+  TimedChoice& r = g_records[key];
   if (r.calls++ < kWarmup) return {};
-  if (r.serial_runs < kTrials || r.concurrent_runs < kTrials) return {r.concurrent_runs <= r.serial_runs, true};
-  return {r.best_concurrent < r.best_serial, true};
+  if (!r.decided(kTrials)) return {r.next_trial() == kConcurrentWay, true};
+  return {concurrent_wins(r), true};
 }
 
 void record(const std::string& key, bool side_by_side, double seconds) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  Record& r = g_records[key];
-  if (side_by_side) {
-    ++r.concurrent_runs;
-    r.best_concurrent = std::min(r.best_concurrent, seconds);
-  } else {
-    ++r.serial_runs;
-    r.best_serial = std::min(r.best_serial, seconds);
-  }
+  g_records[key].add(side_by_side ? kConcurrentWay : kSerialWay, seconds);
 }
 
 }  // namespace
@@ -135,11 +128,9 @@ std::string info_json() {
   std::lock_guard<std::mutex> lock(g_mutex);
   bool first = true;
   for (const auto& [key, r] : g_records) {
-    const bool decided = r.serial_runs >= kTrials && r.concurrent_runs >= kTrials;
-    s << (first ? "" : ", ") << "\"" << key << "\": {\"serial_ms\": "
-      << (r.serial_runs ? r.best_serial * 1e3 : -1.0) << ", \"concurrent_ms\": "
-      << (r.concurrent_runs ? r.best_concurrent * 1e3 : -1.0) << ", \"choice\": \""
-      << (!decided ? "measuring" : r.best_concurrent < r.best_serial ? "concurrent" : "serial") << "\"}";
+    s << (first ? "" : ", ") << "\"" << key << "\": {\"serial_ms\": " << r.best_in(kSerialWay, 1e3)
+      << ", \"concurrent_ms\": " << r.best_in(kConcurrentWay, 1e3) << ", \"choice\": \""
+      << (!r.decided(kTrials) ? "measuring" : concurrent_wins(r) ? "concurrent" : "serial") << "\"}";
     first = false;
   }
   s << "}}";
