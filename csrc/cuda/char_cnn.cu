@@ -19,19 +19,11 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWindows = 8;  // live windows per register-blocked pass of the forward
 
-__device__ __forceinline__ int group_of(const CharCnnGroups& groups, int f) {
-  int gi = 0;
-  while (gi + 1 < groups.n && f >= groups.f0[gi + 1]) ++gi;
-  return gi;
-}
-
-__device__ __forceinline__ int64_t clamp_id(int64_t id, int64_t V) { return id < 0 ? 0 : (id >= V ? V - 1 : id); }
-
 // Loads a token's ids (clamped) and embedded chars into shared memory; returns its live length.
 template <typename T>
 __device__ int64_t stage_token(const int64_t* ids, const T* emb, float* s_emb, int64_t* s_ids, int64_t* s_live,
                                int64_t n, int64_t C, int64_t V, int64_t d) {
-  for (int64_t i = threadIdx.x; i < C; i += blockDim.x) s_ids[i] = clamp_id(ids[n * C + i], V);
+  for (int64_t i = threadIdx.x; i < C; i += blockDim.x) s_ids[i] = char_cnn_clamp_id(ids[n * C + i], V);
   __syncthreads();
   for (int64_t i = threadIdx.x; i < C * d; i += blockDim.x) s_emb[i] = to_float(emb[s_ids[i / d] * d + i % d]);
   if (threadIdx.x == 0) *s_live = char_cnn_live_length(s_ids, C);
@@ -50,7 +42,7 @@ __global__ void char_cnn_forward_kernel(const int64_t* ids, const T* emb, const 
     const int64_t L = stage_token(ids, emb, s_emb, s_ids, &s_live, n, C, V, d);
     const float* s_trail = s_emb + (C - 1) * d;  // embedding[p], p = the trailing id
     for (int64_t f = threadIdx.x; f < F; f += blockDim.x) {
-      const int64_t w = groups.w[group_of(groups, static_cast<int>(f))];
+      const int64_t w = groups.w[char_cnn_group_of(groups, f)];
       const int64_t live = char_cnn_live_windows(L, C, w);
       float best = 0.f;
       int64_t best_t = 0;
@@ -113,7 +105,7 @@ __global__ void char_cnn_weight_grad_kernel(const float* g, const int16_t* windo
   const int64_t f = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   const int64_t s = blockIdx.y;
   if (f >= F) return;
-  const int64_t w = groups.w[group_of(groups, static_cast<int>(f))];
+  const int64_t w = groups.w[char_cnn_group_of(groups, f)];
   float* p = part + s * K * F + f;
   for (int64_t j = 0; j < K; ++j) p[j * F] = 0.f;
   const int64_t per = (N + splits - 1) / splits;
@@ -125,7 +117,7 @@ __global__ void char_cnn_weight_grad_kernel(const float* g, const int16_t* windo
     if (gv == 0.f) continue;
     const int64_t t = window_start(windows, n * F + f, C, w);
     for (int64_t k = 0; k < w; ++k) {
-      const T* e = emb + clamp_id(ids[n * C + t + k], V) * d;
+      const T* e = emb + char_cnn_clamp_id(ids[n * C + t + k], V) * d;
       for (int64_t c = 0; c < d; ++c) p[(k * d + c) * F] += gv * to_float(e[c]);
     }
   }
@@ -153,13 +145,13 @@ __global__ void char_cnn_embedding_grad_kernel(const float* g, const int16_t* wi
     for (int64_t f = threadIdx.x; f < F; f += blockDim.x) {
       const float gv = g[n * F + f];
       if (gv == 0.f) continue;
-      const int64_t w = groups.w[group_of(groups, static_cast<int>(f))];
+      const int64_t w = groups.w[char_cnn_group_of(groups, f)];
       const int64_t t = window_start(windows, n * F + f, C, w);
       for (int64_t j = 0; j < w * d; ++j) atomicAdd(s_grad + t * d + j, gv * to_float(packed_t[j * F + f]));
     }
     __syncthreads();
     for (int64_t i = threadIdx.x; i < C * d; i += blockDim.x) {
-      if (s_grad[i] != 0.f) atomicAdd(grad_emb + clamp_id(ids[n * C + i / d], V) * d + i % d, s_grad[i]);
+      if (s_grad[i] != 0.f) atomicAdd(grad_emb + char_cnn_clamp_id(ids[n * C + i / d], V) * d + i % d, s_grad[i]);
     }
     __syncthreads();  // s_grad is reset for the next token
   }

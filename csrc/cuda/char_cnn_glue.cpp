@@ -63,14 +63,11 @@ std::string tensor_core_obstacle(const CharCnnShape& s, const at::Tensor& embedd
 
 bool use_tensor_core(const CharCnnShape& s, const at::Tensor& embedding, const CharCnnTcLayout& layout) {
   const std::string mode = kernels::mode(kernels::Family::kCharCnn);
-  if (mode == "simt") return false;
+  if (!kernels::chosen(kernels::Family::kCharCnn, "tensor_core")) return false;
   const std::string obstacle = tensor_core_obstacle(s, embedding, layout);
-  if (mode == "tensor_core") {
-    TORCH_CHECK(obstacle.empty(), "char_cnn: the tensor_core kernel was asked for (ELMO_FAST_CHAR_CNN_KERNEL or ",
-                "elmo_fast.set_kernel) but ", obstacle, "; use 'auto' or 'simt'");
-    return true;
-  }
-  return obstacle.empty() && kernels::validated(kernels::Family::kCharCnn, "tensor_core");
+  TORCH_CHECK(mode == "auto" || obstacle.empty(), "char_cnn: the tensor_core kernel was asked for ",
+              "(ELMO_FAST_CHAR_CNN_KERNEL or elmo_fast.set_kernel) but ", obstacle, "; use 'auto' or 'simt'");
+  return obstacle.empty();
 }
 
 // emb (V, d) -> (V, dp) and the weights -> the (Kp, Fp) B-matrix, zero-padded

@@ -21,14 +21,6 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
-__device__ __forceinline__ int64_t tc_clamp_id(int64_t id, int64_t V) { return id < 0 ? 0 : (id >= V ? V - 1 : id); }
-
-__device__ __forceinline__ int tc_width_of(const CharCnnGroups& groups, int64_t f) {
-  int gi = 0;
-  while (gi + 1 < groups.n && f >= groups.f0[gi + 1]) ++gi;
-  return groups.w[gi];
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kCharCnnTcWarps * 32)
     char_cnn_tc_forward_kernel(const int64_t* ids, const T* emb_p, const T* packed_p, const T* bias, T* out,
@@ -48,15 +40,11 @@ __global__ void __launch_bounds__(kCharCnnTcWarps * 32)
   for (int e = threadIdx.x; e < kCharCnnTcTokens * slot_elems; e += blockDim.x) {
     const int i = e / slot_elems, r = (e % slot_elems) / dp, c = e % dp;
     T v = from_float<T>(0.f);
-    if (i < tokens && r < C) v = emb_p[tc_clamp_id(ids[(n0 + i) * C + r], V) * dp + c];
+    if (i < tokens && r < C) v = emb_p[char_cnn_clamp_id(ids[(n0 + i) * C + r], V) * dp + c];
     s_emb[e] = v;
   }
   if (threadIdx.x < tokens) {  // the live length L over the clamped ids (Note [char-CNN padding shortcut])
-    const int64_t* row = ids + (n0 + threadIdx.x) * C;
-    const int64_t p = tc_clamp_id(row[C - 1], V);
-    int L = C;
-    while (L > 0 && tc_clamp_id(row[L - 1], V) == p) --L;
-    s_live[threadIdx.x] = L;
+    s_live[threadIdx.x] = static_cast<int>(char_cnn_live_length(ids + (n0 + threadIdx.x) * C, C, CharIdClamped{V}));
   }
   __syncthreads();
 
@@ -75,7 +63,7 @@ __global__ void __launch_bounds__(kCharCnnTcWarps * 32)
     }
     const int f = f0 + col;
     const bool real = f < F;
-    const int w = real ? tc_width_of(groups, f) : w_min;
+    const int w = real ? groups.w[char_cnn_group_of(groups, f)] : w_min;
     const float bf = real ? to_float(bias[f]) : 0.f;
     for (int i = 0; i < tokens; ++i) {
       const int L = s_live[i];

@@ -11,6 +11,7 @@
 #include <cuda_runtime_api.h>
 
 #include "elmo_fast/char_cnn_tc_layout.h"
+#include "elmo_fast/hd.h"
 
 namespace elmo_fast {
 namespace cuda {
@@ -23,6 +24,13 @@ struct CharCnnGroups {
   int f0[kCharCnnMaxGroups + 1];
   int w[kCharCnnMaxGroups];
 };
+
+// The group of filter f (a linear scan: there are few groups).
+EF_HD int char_cnn_group_of(const CharCnnGroups& groups, int64_t f) {
+  int gi = 0;
+  while (gi + 1 < groups.n && f >= groups.f0[gi + 1]) ++gi;
+  return gi;
+}
 
 // Dynamic shared memory the forward and embedding-gradient kernels need per block.
 inline size_t char_cnn_shared_bytes(int64_t C, int64_t d) { return size_t(C) * d * sizeof(float) + C * 8; }

@@ -18,13 +18,34 @@ namespace elmo_fast {
 // t < min(L, C - w + 1) are computed; the constant window takes part in the max iff L <= C - w.
 // When the constant window wins, its position is recorded as t = L (the first such window): every
 // window of the trailing run has the same content, so the gradient is the same wherever it goes.
-template <typename Id>
-EF_HD int64_t char_cnn_live_length(const Id* ids, int64_t C) {
-  const Id p = ids[C - 1];
+// `key` maps a stored id to the id it stands for (the CUDA kernels clamp; the CPU, which has checked
+// the ids, takes them as they are).
+template <typename Id, typename Key>
+EF_HD int64_t char_cnn_live_length(const Id* ids, int64_t C, const Key& key) {
+  const auto p = key(ids[C - 1]);
   int64_t L = C;
-  while (L > 0 && ids[L - 1] == p) --L;  // stops just after the last slot != p, or at 0
+  while (L > 0 && key(ids[L - 1]) == p) --L;  // stops just after the last slot != p, or at 0
   return L;
 }
+
+struct CharIdAsIs {
+  template <typename Id>
+  EF_HD Id operator()(Id id) const { return id; }
+};
+
+template <typename Id>
+EF_HD int64_t char_cnn_live_length(const Id* ids, int64_t C) {
+  return char_cnn_live_length(ids, C, CharIdAsIs{});
+}
+
+// An id clamped into the table's rows 0..V-1: no kernel reads out of bounds on a corrupt input
+// (functional.py reports out-of-range ids first).
+EF_HD int64_t char_cnn_clamp_id(int64_t id, int64_t V) { return id < 0 ? 0 : (id >= V ? V - 1 : id); }
+
+struct CharIdClamped {
+  int64_t V;
+  EF_HD int64_t operator()(int64_t id) const { return char_cnn_clamp_id(id, V); }
+};
 
 // Number of live windows of width w (those starting before L), never more than the C - w + 1 valid.
 EF_HD int64_t char_cnn_live_windows(int64_t L, int64_t C, int64_t w) {
