@@ -71,14 +71,16 @@ Family family_named(const std::string& family) {
   for (size_t i = 0; i < families().size(); ++i) {
     if (family == families()[i].name) return static_cast<Family>(i);
   }
-  TORCH_CHECK_VALUE(false, "elmo_fast: unknown kernel family '", family, "' (known: 'char_cnn', 'cuda_directions', 'cuda_graphs')");
+  std::ostringstream known;
+  for (size_t i = 0; i < families().size(); ++i) known << (i ? ", '" : "'") << families()[i].name << "'";
+  TORCH_CHECK_VALUE(false, "elmo_fast: unknown kernel family '", family, "' (known: ", known.str(), ")");
 }
 
 void set_mode(const std::string& family, const std::string& value) {
-  const FamilyInfo& fam = info_of(family_named(family));
-  const std::string m = checked(fam, value, ("elmo_fast kernel for " + family).c_str());
+  const Family f = family_named(family);
+  const std::string m = checked(info_of(f), value, ("elmo_fast kernel for " + family).c_str());
   std::lock_guard<std::mutex> lock(g_mutex);
-  g_modes[static_cast<int>(family_named(family))] = m;
+  g_modes[static_cast<int>(f)] = m;
 }
 
 bool validated(Family f, const std::string& kernel) {

@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -113,22 +114,14 @@ class CudaEvent {
   cudaEvent_t event_ = nullptr;
 };
 
-bool directions_on_streams() { return kernels::chosen(kernels::Family::kCudaDirections, "streams"); }
-
-void record_on(const TensorVec& outputs, const c10::cuda::CUDAStream& stream) {
-  for (const at::Tensor& t : outputs) {
+void record_on(const TensorVec& tensors, const c10::cuda::CUDAStream& stream) {
+  for (const at::Tensor& t : tensors) {
     if (t.defined() && t.numel() > 0) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
   }
 }
 
-// run_pair for lstm_pair.h; `outputs(i)` lists direction i's results once job(i) has run.
-template <class Outputs>
-void run_directions(const std::function<void(int)>& job, const Outputs& outputs, c10::DeviceIndex device) {
-  if (!directions_on_streams()) {
-    job(0);
-    job(1);
-    return;
-  }
+// run_pair for lstm_pair.h: both directions on side streams; the caller records the outputs.
+void run_on_streams(const std::function<void(int)>& job, c10::DeviceIndex device) {
   const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(device);
   CudaEvent inputs_ready, done[2];
   inputs_ready.record(caller.stream());
@@ -139,32 +132,41 @@ void run_directions(const std::function<void(int)>& job, const Outputs& outputs,
       const c10::cuda::CUDAStreamGuard on_side(side);
       job(i);
     }
-    record_on(outputs(i), caller);
     done[i].record(side.stream());
   }
   done[0].block(caller.stream());
   done[1].block(caller.stream());
 }
 
+// Runs lstm_pair_forward / lstm_pair_backward (`pair(run_pair)`) with the directions on the caller's
+// stream or on two (Note [directions on two streams]); returns its tuple of per-direction lists.
+template <class Pair>
+auto run_directions(const char* op, at::TensorList x, const Pair& pair) {
+  TORCH_CHECK(!x.empty(), op, ": x must hold 2 tensors (forward, reverse), got 0");
+  const c10::cuda::CUDAGuard guard(x[0].device());
+  if (!kernels::chosen(kernels::Family::kCudaDirections, "streams")) {
+    return pair([](const std::string&, double, const std::function<void(int)>& job) {
+      job(0);
+      job(1);
+    });
+  }
+  const c10::DeviceIndex device = x[0].device().index();
+  auto result = pair([device](const std::string&, double, const std::function<void(int)>& job) {
+    run_on_streams(job, device);
+  });
+  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(device);
+  std::apply([&](const auto&... lists) { (record_on(lists, caller), ...); }, result);
+  return result;
+}
+
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec> lstm_bidirectional_cuda(
     at::TensorList x, const at::Tensor& lengths, at::TensorList w_ih, at::TensorList w_hh, const OptTensorList& bias,
     const OptTensorList& w_proj, at::TensorList h0, at::TensorList c0, double cell_clip, double proj_clip,
     bool save_activations) {
-  TORCH_CHECK(!x.empty(), "lstm_bidirectional: x must hold 2 tensors (forward, reverse), got 0");
-  const c10::cuda::CUDAGuard guard(x[0].device());
-  TensorVec out(2), h_n(2), c_n(2), act(2);
-  auto single = [&](const at::Tensor& xi, const at::Tensor& len, const at::Tensor& wi, const at::Tensor& wh,
-                    const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& wp, const at::Tensor& h,
-                    const at::Tensor& c, double cc, double pc, bool reverse, bool save) {
-    const int i = reverse ? 1 : 0;
-    std::tie(out[i], h_n[i], c_n[i], act[i]) = lstm_projection_cuda(xi, len, wi, wh, b, wp, h, c, cc, pc, reverse, save);
-    return std::make_tuple(out[i], h_n[i], c_n[i], act[i]);
-  };
-  auto run_pair = [&](const std::string&, double, const std::function<void(int)>& job) {
-    run_directions(job, [&](int i) { return TensorVec{out[i], h_n[i], c_n[i], act[i]}; }, x[0].device().index());
-  };
-  return lstm_pair_forward(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, save_activations,
-                           single, run_pair);
+  return run_directions("lstm_bidirectional", x, [&](const auto& run_pair) {
+    return lstm_pair_forward(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, save_activations,
+                             lstm_projection_cuda, run_pair);
+  });
 }
 
 std::tuple<TensorVec, TensorVec, TensorVec, TensorVec, TensorVec, TensorVec, TensorVec>
@@ -173,23 +175,10 @@ lstm_bidirectional_backward_cuda(at::TensorList grad_out, at::TensorList grad_h_
                                  at::TensorList w_hh, const OptTensorList& w_proj, at::TensorList h0,
                                  at::TensorList c0, at::TensorList out, at::TensorList activations, bool has_bias,
                                  double cell_clip, double proj_clip) {
-  TORCH_CHECK(!x.empty(), "lstm_bidirectional_backward: x must hold 2 tensors (forward, reverse), got 0");
-  const c10::cuda::CUDAGuard guard(x[0].device());
-  std::vector<TensorVec> grads(2);
-  auto single = [&](const at::Tensor& go, const at::Tensor& ghn, const at::Tensor& gcn, const at::Tensor& xi,
-                    const at::Tensor& len, const at::Tensor& wi, const at::Tensor& wh,
-                    const std::optional<at::Tensor>& wp, const at::Tensor& h, const at::Tensor& c,
-                    const at::Tensor& o, const at::Tensor& a, bool hb, double cc, double pc, bool reverse) {
-    auto g = lstm_projection_backward_cuda(go, ghn, gcn, xi, len, wi, wh, wp, h, c, o, a, hb, cc, pc, reverse);
-    grads[reverse ? 1 : 0] = {std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g),
-                              std::get<4>(g), std::get<5>(g), std::get<6>(g)};
-    return g;
-  };
-  auto run_pair = [&](const std::string&, double, const std::function<void(int)>& job) {
-    run_directions(job, [&](int i) { return grads[i]; }, x[0].device().index());
-  };
-  return lstm_pair_backward(grad_out, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_proj, h0, c0, out, activations,
-                            has_bias, cell_clip, proj_clip, single, run_pair);
+  return run_directions("lstm_bidirectional_backward", x, [&](const auto& run_pair) {
+    return lstm_pair_backward(grad_out, grad_h_n, grad_c_n, x, lengths, w_ih, w_hh, w_proj, h0, c0, out, activations,
+                              has_bias, cell_clip, proj_clip, lstm_projection_backward_cuda, run_pair);
+  });
 }
 
 }  // namespace
