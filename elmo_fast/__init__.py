@@ -39,5 +39,5 @@ def kernel_info() -> dict:
     return json.loads(torch.ops.elmo_fast._kernel_info())
 
 
-__all__ = ["__version__", "build_info", "set_kernel", "kernel_info", "functional", "nn", "batch_to_ids", "Elmo", "ElmoBiLm",
-           "ElmoCharacterEncoder", "ElmoLstm", "ElmoEmbedder", "ScalarMix"]
+__all__ = ["__version__", "build_info", "set_kernel", "kernel_info", "functional", "nn", "batch_to_ids", "Elmo",
+           "ElmoBiLm", "ElmoCharacterEncoder", "ElmoLstm", "ElmoEmbedder", "ScalarMix"]

@@ -277,7 +277,8 @@ def _elmo_case(model: str, batch: int, words: int, dtype: torch.dtype, backward:
     from elmo_fast.elmo import ElmoBiLm
 
     options, state = bench_data.model_state(model)
-    ids = _sentence_ids(batch, words, text).to(_DEVICE[0])
+    cpu_ids = _sentence_ids(batch, words, text)
+    ids = cpu_ids.to(_DEVICE[0])
     module = ElmoBiLm(*bench_data.model_files(model), requires_grad=backward, stateful=False).to(
         device=_DEVICE[0], dtype=dtype)
     ref_state = {k: v.to(device=_DEVICE[0], dtype=dtype, copy=True).requires_grad_(backward)
@@ -288,10 +289,10 @@ def _elmo_case(model: str, batch: int, words: int, dtype: torch.dtype, backward:
                                        backward),
              "elmo_fast": _grad_runner(lambda: module(ids)["activations"][-1], fast_inputs, backward)}
     if _DEVICE[0] == "cpu" and not backward:
-        with_boundaries, mask = reference.add_sentence_boundaries(ids.cpu())
+        with_boundaries, mask = reference.add_sentence_boundaries(cpu_ids)
         m = MODELS[model]
-        gemms = gemm_floor.elmo_gemms(_distinct_tokens(with_boundaries, mask), mask.sum(-1).tolist(), m["n_highway"], NUM_FILTERS, m["dim"],
-                                      m["projection_dim"])
+        gemms = gemm_floor.elmo_gemms(_distinct_tokens(with_boundaries, mask), mask.sum(-1).tolist(), m["n_highway"],
+                                      NUM_FILTERS, m["dim"], m["projection_dim"])
         impls[GEMM_FLOOR] = gemm_floor.floor_runner(gemms, dtype)
     return batch * words, impls
 

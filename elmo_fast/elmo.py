@@ -344,6 +344,8 @@ class ElmoLstm(nn.Module):
         if self.num_layers == 0:
             return inputs.new_zeros(0, batch, inputs.shape[1], 2 * self.hidden_size)
         if self._use_graphs(inputs, h0):
+            if self._graphs is None:
+                self._graphs = cuda_graphs.GraphCache()
             key = (tuple(inputs.shape), inputs.dtype, inputs.device, tuple(lengths.tolist()),
                    tuple(p.data_ptr() for p in self.parameters()), self.cell_clip_value, self.proj_clip_value)
             outputs, h_n, c_n = self._graphs(key, lambda x, h, c: self._run_stack(x, lengths, h, c), inputs, h0, c0)
@@ -360,11 +362,7 @@ class ElmoLstm(nn.Module):
         if torch.is_grad_enabled() and (inputs.requires_grad or h0.requires_grad or
                                         any(p.requires_grad for p in self.parameters())):
             return False
-        if not cuda_graphs.enabled():
-            return False
-        if self._graphs is None:
-            self._graphs = cuda_graphs.GraphCache()
-        return True
+        return cuda_graphs.enabled()
 
     def __getstate__(self):  # captured graphs are neither copied nor pickled
         state = self.__dict__.copy()

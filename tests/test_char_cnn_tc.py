@@ -18,8 +18,15 @@ import elmo_fast.functional as F
 import elmo_fast.reference as R
 from test_char_cnn import PUBLISHED, SMALL, make_ids, make_params
 
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+# (C, d, filters) of the emulation and CUDA cases.
+SHAPES = {
+    "published": (50, 16, PUBLISHED),
+    "small": (50, 16, SMALL),
+    "odd_dim": (50, 5, [(1, 4), (3, 4)]),              # dp = 8: padded channels
+    "short_tokens": (17, 12, [(2, 3), (5, 7), (6, 2)]),
+    "one_slot_per_width": (7, 16, SMALL),              # C = the widest filter
+}
 
 
 def layout(C, d, w_min, w_max, F):
@@ -113,17 +120,12 @@ def acc_at(staged, b_matrix, dp, Kp):
     return value
 
 
-@pytest.mark.parametrize("case", ["published", "small", "odd_dim", "short_tokens", "one_slot_per_width"])
+@pytest.mark.parametrize("case", list(SHAPES))
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_emulation_matches_cpu_op(case, activation):
     g = torch.Generator().manual_seed(sum(map(ord, case)))
-    c, d, filters, n = {
-        "published": (50, 16, PUBLISHED, 24),
-        "small": (50, 16, SMALL, 40),
-        "odd_dim": (50, 5, [(1, 4), (3, 4)], 40),             # dp = 8: padded channels
-        "short_tokens": (17, 12, [(2, 3), (5, 7), (6, 2)], 40),
-        "one_slot_per_width": (7, 16, SMALL, 33),              # C = the widest filter
-    }[case]
+    c, d, filters = SHAPES[case]
+    n = {"published": 24, "one_slot_per_width": 33}.get(case, 40)
     ids = make_ids(g, n, c)
     emb, weights, biases = make_params(g, d, filters, torch.float64)
     out, windows = torch.ops.elmo_fast.char_cnn(ids, emb, weights, biases, activation, True)
@@ -183,19 +185,13 @@ def full_conv(ids, emb, weights):
 @needs_cuda
 @pytest.mark.parametrize("kernel", ["simt", "tensor_core"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", ["published", "small", "odd_dim", "short_tokens", "one_slot_per_width", "tiny"])
+@pytest.mark.parametrize("case", list(SHAPES) + ["tiny"])
 def test_cuda_low_precision_kernels(kernel, dtype, case):
     # flash-attention's rule for the values; for the windows, the conv value at the chosen window
     # (float64, from the same low-precision inputs) must be the max up to low-precision accumulation.
     g = torch.Generator().manual_seed(sum(map(ord, case)))
-    c, d, filters, n = {
-        "published": (50, 16, PUBLISHED, 1000),
-        "small": (50, 16, SMALL, 77),
-        "odd_dim": (50, 5, [(1, 4), (3, 4)], 40),
-        "short_tokens": (17, 12, [(2, 3), (5, 7), (6, 2)], 17),
-        "one_slot_per_width": (7, 16, SMALL, 33),
-        "tiny": (50, 16, SMALL, 1),
-    }[case]
+    c, d, filters = SHAPES["small" if case == "tiny" else case]
+    n = {"published": 1000, "small": 77, "short_tokens": 17, "one_slot_per_width": 33, "tiny": 1}.get(case, 40)
     ids = make_ids(g, n, c).cuda()
     emb, weights, biases = make_params(g, d, filters, torch.float64, "cuda", scale=0.1)
     low = lambda t: t.to(dtype)  # noqa: E731
