@@ -2,6 +2,7 @@
 #include "common/kernel_choice.h"
 
 #include "elmo_fast/char_cnn_tc_layout.h"
+#include "elmo_fast/lstm_persistent_layout.h"
 
 #include <array>
 #include <cstdlib>
@@ -22,14 +23,16 @@ struct FamilyInfo {
   std::vector<std::string> validated;  // Note [validated kernels]: the fast paths auto may pick
 };
 
-constexpr size_t kFamilies = 3;
+constexpr size_t kFamilies = 4;  // the order of Family in kernel_choice.h
 
 const std::array<FamilyInfo, kFamilies>& families() {
-  // tensor_core, streams and on: written without a GPU (2026-12-02), not yet run on one.
+  // tensor_core, streams and on: written without a GPU (2026-12-02), persistent (2026-12-05); none
+  // has run on one yet.
   static const std::array<FamilyInfo, kFamilies> all{{
       {"char_cnn", "ELMO_FAST_CHAR_CNN_KERNEL", {"simt", "tensor_core"}, {}},
       {"cuda_directions", "ELMO_FAST_CUDA_DIRECTIONS", {"serial", "streams"}, {}},
       {"cuda_graphs", "ELMO_FAST_CUDA_GRAPHS", {"off", "on"}, {}},
+      {"lstm", "ELMO_FAST_LSTM_KERNEL", {"stepwise", "persistent"}, {}},
   }};
   return all;
 }
@@ -135,6 +138,19 @@ std::vector<int64_t> char_cnn_tc_layout_op(int64_t C, int64_t d, int64_t w_min, 
           elmo_fast::char_cnn_tc_fits(l) ? 1 : 0};
 }
 
+// The persistent LSTM's layout for n cells, P recurrent inputs and `sms` multiprocessors with
+// `max_shared` bytes of shared memory per block (one block per multiprocessor): [units, blocks, Pp,
+// ldw, lds, col_groups, cols, unit_groups, group_units, ldm, Pcols, w_hh_bytes, w_proj_bytes,
+// stage_bytes, shared_bytes, fits], so that every build tests it (the kernel itself needs a GPU).
+std::vector<int64_t> lstm_persistent_layout_op(int64_t n, int64_t P, bool has_proj, int64_t sms, int64_t max_shared) {
+  TORCH_CHECK(n >= 1 && P >= 1 && sms >= 1 && max_shared >= 0, "_lstm_persistent_layout: needs n, P, sms >= 1");
+  const elmo_fast::LstmPersistentLayout l = elmo_fast::lstm_persistent_layout(n, P, has_proj, 2, sms);
+  const bool fits = elmo_fast::lstm_persistent_fits(l, sms, static_cast<size_t>(max_shared), sms);
+  return {l.units, l.blocks, l.Pp, l.ldw, l.lds, l.col_groups, l.cols, l.unit_groups, l.group_units, l.ldm, l.Pcols,
+          static_cast<int64_t>(l.w_hh_bytes), static_cast<int64_t>(l.w_proj_bytes),
+          static_cast<int64_t>(l.stage_bytes), static_cast<int64_t>(l.shared_bytes), fits ? 1 : 0};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(elmo_fast, m) {
@@ -142,4 +158,6 @@ TORCH_LIBRARY_FRAGMENT(elmo_fast, m) {
   m.def("_kernel_info() -> str", &kernel_info_op);
   m.def("_kernel_chosen(str family, str kernel) -> bool", &kernel_chosen_op);
   m.def("_char_cnn_tc_layout(int C, int d, int w_min, int w_max, int F) -> int[]", &char_cnn_tc_layout_op);
+  m.def("_lstm_persistent_layout(int n, int P, bool has_proj, int sms, int max_shared) -> int[]",
+        &lstm_persistent_layout_op);
 }

@@ -6,6 +6,8 @@
 //       directions of an LSTM layer one after the other on the current stream, or on two streams)
 //   ELMO_FAST_CUDA_GRAPHS = auto | off | on                   (family "cuda_graphs": ElmoLstm's
 //       inference forward replayed from captured CUDA graphs, elmo_fast/cuda_graphs.py)
+//   ELMO_FAST_LSTM_KERNEL = auto | stepwise | persistent      (family "lstm": the lstm_projection
+//       forward per step through cuBLAS, or one persistent kernel, Note [persistent LSTM])
 // The value is read from the environment at first use; set_mode overrides it. Compiled into every
 // build (CPU-only too), so a bad value is the same clear error everywhere.
 #pragma once
@@ -14,7 +16,7 @@
 
 namespace elmo_fast::kernels {
 
-enum class Family : int { kCharCnn = 0, kCudaDirections = 1, kCudaGraphs = 2 };
+enum class Family : int { kCharCnn = 0, kCudaDirections = 1, kCudaGraphs = 2, kLstm = 3 };
 
 // "auto" or one of the family's explicit kernels; throws on an unknown family or value.
 std::string mode(Family family);

@@ -12,14 +12,19 @@
 //   proj_backward(dh, d, h, proj_clip)             d = (dh + d) where the clip of h passed, else 0
 //   backward(dm, gates, c, c_prev, dc, dz, m, cell_clip)
 //       dz (A, 4n); m (A, n) or undefined: o tanh(c) recomputed; dc (A, n) acc in/out
+//   input_chunk_rows(n, elem_bytes)                packed rows per inference input GEMM
+//   run_steps(LstmSteps)                           runs a chunk's steps in one go and returns true, or
+//                                                  returns false and the driver steps (the CUDA
+//                                                  persistent kernel, Note [persistent LSTM])
 // Shapes: x (B, T, I); w_ih (4n, I); w_hh (4n, P); bias (4n,); w_proj (P, n); h0 (B, P); c0 (B, n).
 // activations (saved for backward, acc dtype, flat): [gates (B*T, 4n) | c (B*T, n)], the first
 // `total` rows of each used (packed order); (0,) when not saved.
 // Note [chunked input GEMM]: with activations saved, the input GEMM of every step runs at once into
 // the saved gates (total, 4n). Without them (inference) it runs per chunk of consecutive steps of at
-// most kLstmInputChunkRows packed rows (at least one step) into one reusable buffer, so memory stays
-// linear in T with no (total, 4n) buffer: a 10 000-residue protein needs 64 MiB of gates, not 625 MiB,
-// for n = 4096. Row results are the same GEMM per row, equal up to float rounding.
+// most the backend's input_chunk_rows packed rows (at least one step; on the CPU kLstmInputChunkRows
+// and oneDNN's fresh-product size, on CUDA 128 MiB of gates), so memory stays linear in T with no
+// (total, 4n) buffer: a 10 000-residue protein needs 64 MiB of gates on the CPU, not 625 MiB, for
+// n = 4096. Row results are the same GEMM per row, equal up to float rounding.
 #pragma once
 
 #include <algorithm>
@@ -50,6 +55,27 @@ constexpr int64_t kLstmInputChunkRows = 1024;  // Note [chunked input GEMM]
 struct LstmDims {
   int64_t B, T, I, n, P;
 };
+
+// What a backend's run_steps needs to run steps [s_begin, s_end) of a forward by itself: the same
+// buffers the driver's step loop uses (undefined tensors: not saved / no projection).
+struct LstmSteps {
+  const LstmPlan& plan;
+  int64_t s_begin, s_end;
+  const at::Tensor& g;  // input pre-activations with bias: row k = packed row g_base + k
+  int64_t g_base;
+  const at::Tensor& w_hh;
+  const at::Tensor& w_proj;
+  const at::Tensor& hbuf;       // (B + total, P)
+  const at::Tensor& c_state;    // (B, n) acc, sorted rows
+  const at::Tensor& gates_all;  // (total, 4n) acc, or undefined
+  const at::Tensor& c_all;      // (total, n) acc, or undefined
+  double cell_clip, proj_clip;
+};
+
+// The CPU's chunk of inference input GEMMs: oneDNN's fresh products up to kFreshProductBytes.
+inline int64_t lstm_fresh_chunk_rows(int64_t n, int64_t elem_bytes) {
+  return std::min(kLstmInputChunkRows, std::max<int64_t>(1, kFreshProductBytes / (4 * n * elem_bytes)));
+}
 
 inline LstmDims check_lstm_args(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& w_proj,
@@ -110,42 +136,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_driver(
     // g holds the input pre-activations of steps [s, chunk_end), row r of g = packed row g_base + r:
     // when saving, all steps in the saved gates (or one buffer); else each chunk's own GEMM result
     // (Note [fresh products]).
-    const int64_t fresh_rows =
-        std::min(kLstmInputChunkRows, std::max<int64_t>(1, kFreshProductBytes / (4 * n * x.element_size())));
-    const int64_t g_rows = save ? total : std::min(total, std::max(fresh_rows, B));
+    const int64_t chunk_rows = pw.input_chunk_rows(n, x.element_size());
+    const int64_t g_rows = save ? total : std::min(total, std::max(chunk_rows, B));
     at::Tensor g = !save ? at::Tensor() : same ? gates_all : at::empty({g_rows, 4 * n}, x.options());
-    int64_t g_base = 0, chunk_end = 0;
-    at::Tensor m_buf = has_proj ? at::empty({B, n}, x.options()) : at::Tensor();
+    at::Tensor m_buf;  // allocated when the driver steps with a projection
     const double out_clip = has_proj ? 0.0 : proj_clip;  // without projection the clip applies to m = h
-    for (int64_t s = 0; s < plan.steps; ++s) {
-      if (s == chunk_end) {  // the input GEMM of the next steps that fit in g (all of them when saving)
-        while (chunk_end < plan.steps && plan.offset[chunk_end + 1] - plan.offset[s] <= g_rows) ++chunk_end;
-        g_base = plan.offset[s];
-        const int64_t rows = plan.offset[chunk_end] - g_base;
-        const at::Tensor xs = x2.index_select(0, plan.pack_index.narrow(0, g_base, rows));
-        if (save) {
-          at::Tensor gc = g.narrow(0, 0, rows);
-          linear_into(gc, xs, w_ih, bias);
-        } else {
-          g = linear_once(xs, w_ih, bias);
-        }
-      }
-      const int64_t a = plan.active[s], off = plan.offset[s];
-      at::Tensor z = g.narrow(0, off - g_base, a);
-      const at::Tensor h_prev = s == 0 ? hbuf.narrow(0, 0, a) : hbuf.narrow(0, B + plan.offset[s - 1], a);
-      at::Tensor z_rec;
-      if constexpr (Pointwise::kSumsRecurrent) {
-        z_rec = linear_once(h_prev, w_hh, at::Tensor());
+    for (int64_t s0 = 0, chunk_end = 0; s0 < plan.steps; s0 = chunk_end) {
+      // The input GEMM of the next steps that fit in g (all of them when saving).
+      while (chunk_end < plan.steps && plan.offset[chunk_end + 1] - plan.offset[s0] <= g_rows) ++chunk_end;
+      const int64_t g_base = plan.offset[s0];
+      const int64_t rows = plan.offset[chunk_end] - g_base;
+      const at::Tensor xs = x2.index_select(0, plan.pack_index.narrow(0, g_base, rows));
+      if (save) {
+        at::Tensor gc = g.narrow(0, 0, rows);
+        linear_into(gc, xs, w_ih, bias);
       } else {
-        add_linear_into(z, h_prev, w_hh);
+        g = linear_once(xs, w_ih, bias);
       }
-      at::Tensor h = hbuf.narrow(0, B + off, a);
-      at::Tensor m = has_proj ? m_buf.narrow(0, 0, a) : h;
-      pw.forward(z, z_rec, save ? gates_all.narrow(0, off, a) : at::Tensor(), c_state.narrow(0, 0, a),
-                 save ? c_all.narrow(0, off, a) : at::Tensor(), m, cell_clip, out_clip);
-      if (has_proj) {
-        linear_into(h, m, w_proj, at::Tensor());
-        if (proj_clip > 0) pw.clip(h, proj_clip);
+      if (pw.run_steps(LstmSteps{plan, s0, chunk_end, g, g_base, w_hh, w_proj, hbuf, c_state, gates_all, c_all,
+                                 cell_clip, proj_clip})) {
+        continue;
+      }
+      if (has_proj && !m_buf.defined()) m_buf = at::empty({B, n}, x.options());
+      for (int64_t s = s0; s < chunk_end; ++s) {
+        const int64_t a = plan.active[s], off = plan.offset[s];
+        at::Tensor z = g.narrow(0, off - g_base, a);
+        const at::Tensor h_prev = s == 0 ? hbuf.narrow(0, 0, a) : hbuf.narrow(0, B + plan.offset[s - 1], a);
+        at::Tensor z_rec;
+        if constexpr (Pointwise::kSumsRecurrent) {
+          z_rec = linear_once(h_prev, w_hh, at::Tensor());
+        } else {
+          add_linear_into(z, h_prev, w_hh);
+        }
+        at::Tensor h = hbuf.narrow(0, B + off, a);
+        at::Tensor m = has_proj ? m_buf.narrow(0, 0, a) : h;
+        pw.forward(z, z_rec, save ? gates_all.narrow(0, off, a) : at::Tensor(), c_state.narrow(0, 0, a),
+                   save ? c_all.narrow(0, off, a) : at::Tensor(), m, cell_clip, out_clip);
+        if (has_proj) {
+          linear_into(h, m, w_proj, at::Tensor());
+          if (proj_clip > 0) pw.clip(h, proj_clip);
+        }
       }
     }
     out.view({B * T, P}).index_copy_(0, plan.pack_index, hbuf.narrow(0, B, total));

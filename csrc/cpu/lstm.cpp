@@ -141,6 +141,9 @@ EF_LSTM_ROWS(, double, double)
 struct CpuLstmPointwise {
   static constexpr bool kSumsRecurrent = true;  // Note [fresh products] in common/lstm_driver.h
 
+  int64_t input_chunk_rows(int64_t n, int64_t elem_bytes) const { return lstm_fresh_chunk_rows(n, elem_bytes); }
+  bool run_steps(const LstmSteps& /*steps*/) const { return false; }  // the driver steps
+
   void forward(const at::Tensor& z, const at::Tensor& z_rec, const at::Tensor& gates, const at::Tensor& c,
                const at::Tensor& c_save, const at::Tensor& m, double cell_clip, double out_clip) const {
     const int64_t rows = c.size(0), n = c.size(1);

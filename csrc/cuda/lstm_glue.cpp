@@ -1,6 +1,7 @@
 // CUDA lstm_projection op: ATen tensors -> the torch-free pointwise kernels of lstm.cu, on the
 // current stream of the input's device; the time loops are common/lstm_driver.h's, the GEMMs run
 // through common/linear.h (cuBLAS via ATen). Cell state and saved activations are float32.
+#include <algorithm>
 #include <functional>
 #include <optional>
 #include <string>
@@ -18,6 +19,7 @@
 #include "common/kernel_choice.h"
 #include "common/lstm_pair.h"
 #include "cuda/dispatch.h"
+#include "cuda/lstm_persistent_glue.h"
 #include "elmo_fast/lstm_launch.h"
 
 namespace elmo_fast {
@@ -32,8 +34,17 @@ T* ptr_or_null(const at::Tensor& t) {
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()); }
 
+// Inference input GEMMs of up to this many bytes of gates at once: cuBLAS has no fresh-product
+// concern (Note [fresh products]), and each chunk is one persistent launch that loads the weights.
+constexpr int64_t kCudaInputChunkBytes = int64_t{128} << 20;
+
 struct CudaLstmPointwise {
   static constexpr bool kSumsRecurrent = false;  // cuBLAS adds the recurrent product into z (beta = 1)
+
+  int64_t input_chunk_rows(int64_t n, int64_t elem_bytes) const {
+    return std::max<int64_t>(1, kCudaInputChunkBytes / (4 * n * elem_bytes));
+  }
+  bool run_steps(const LstmSteps& steps) const { return run_persistent_steps(steps); }
 
   void forward(const at::Tensor& z, const at::Tensor& /*z_rec: never set*/, const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_save,
                const at::Tensor& m, double cell_clip, double out_clip) const {

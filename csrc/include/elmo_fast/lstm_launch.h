@@ -8,6 +8,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "elmo_fast/lstm_persistent_layout.h"
+
 namespace elmo_fast {
 namespace cuda {
 
@@ -31,6 +33,36 @@ cudaError_t launch_lstm_proj_backward(const T* dh_future, T* d, const T* h, int6
 template <typename T>
 cudaError_t launch_lstm_backward(const T* dm, const float* gates, const float* c, const float* c_prev, float* dc,
                                  T* dz, T* m, int64_t A, int64_t n, float cell_clip, cudaStream_t stream);
+
+// The persistent forward (Note [persistent LSTM]) of steps [s_begin, s_end) of a plan
+// (Note [LSTM packing]); T is __half or __nv_bfloat16. Row indices are packed rows.
+template <typename T>
+struct LstmPersistentArgs {
+  const T* g = nullptr;         // input pre-activations with bias, (rows, 4n): row k = packed row g_base + k
+  int64_t g_base = 0;
+  const T* w_hh = nullptr;      // (4n, P)
+  const T* w_proj = nullptr;    // (P, n), or null: no projection (P = n)
+  T* hbuf = nullptr;            // (B + total, P): initial h in rows [0, B), outputs from row B on
+  float* c = nullptr;           // (B, n) cell state of the sorted rows, in/out
+  float* gates_out = nullptr;   // (total, 4n) activated gates, or null (not saved)
+  float* c_out = nullptr;       // (total, n) cell states, or null
+  T* m = nullptr;               // (B, n) scratch: the unprojected outputs of a step
+  float* partial = nullptr;     // (unit_groups, rows_pad, Pcols) scratch: projection partial sums
+  const int64_t* offset = nullptr;  // (steps + 1,) device copy of the plan's offsets
+  int64_t B = 0, n = 0, P = 0, rows_pad = 0;  // rows_pad: B rounded up to kLstmPtRows
+  int64_t s_begin = 0, s_end = 0;
+  float cell_clip = 0.f, proj_clip = 0.f;  // <= 0: no clip
+};
+
+// One cooperative launch of layout.blocks blocks; the caller has checked lstm_persistent_fits.
+template <typename T>
+cudaError_t launch_lstm_persistent(const LstmPersistentArgs<T>& args, const LstmPersistentLayout& layout,
+                                   cudaStream_t stream);
+
+// How many blocks of the persistent kernel with `shared_bytes` of dynamic shared memory fit on one
+// multiprocessor of the current device (0 when none).
+template <typename T>
+cudaError_t lstm_persistent_blocks_per_sm(size_t shared_bytes, int* blocks);
 
 }  // namespace cuda
 }  // namespace elmo_fast
