@@ -25,7 +25,9 @@ def build_info() -> dict:
 def set_kernel(family: str, mode: str) -> None:
     """Chooses the CUDA kernel of an op family for this process, as the environment variable would.
 
-    family "char_cnn" (ELMO_FAST_CHAR_CNN_KERNEL): "auto" (default), "simt" or "tensor_core".
+    family "char_cnn" (ELMO_FAST_CHAR_CNN_KERNEL): "auto" (default), "simt" or "tensor_core";
+    "cuda_directions" (ELMO_FAST_CUDA_DIRECTIONS): "serial" or "streams"; "cuda_graphs"
+    (ELMO_FAST_CUDA_GRAPHS): "off" or "on"; "lstm" (ELMO_FAST_LSTM_KERNEL): "stepwise" or "persistent".
     "auto" takes a fast kernel only once it has passed the CUDA tests on a real GPU
     (kernel_info()[family]["validated"]); a kernel asked for by name runs or raises, never falls back.
     """
