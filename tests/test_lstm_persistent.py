@@ -340,3 +340,26 @@ def test_persistent_cuda_float32_asked_for_by_name_raises(lstm_kernel):
         run(F.lstm_projection, t, lens, None, None, False)
     lstm_kernel("auto")  # auto never fails: it steps
     run(F.lstm_projection, t, lens, None, None, False)
+
+
+@needs_cuda
+def test_persistent_cuda_bidirectional_ignores_streams(lstm_kernel):
+    """With the persistent kernel the two directions take turns even when streams are asked for
+    (two grids that each need every multiprocessor), with the same bits as serial."""
+    from test_lstm_bidirectional import make_pair
+
+    gen = torch.Generator().manual_seed(36)
+    xs, weights, h0, c0 = make_pair(gen, 16, 22, 64, 96, 32, shared_x=False, dtype=torch.bfloat16, device="cuda")
+    lens = torch.tensor([22, 3, 22, 0] * 4)
+    lstm_kernel("persistent")
+    try:
+        with torch.no_grad():
+            elmo_fast.set_kernel("cuda_directions", "serial")
+            serial = F.lstm_bidirectional(xs, lens, weights, h0, c0, 0.6, 0.4)
+            elmo_fast.set_kernel("cuda_directions", "streams")
+            streams = F.lstm_bidirectional(xs, lens, weights, h0, c0, 0.6, 0.4)
+    finally:
+        elmo_fast.set_kernel("cuda_directions", "auto")
+    for group_a, group_b in zip(serial, streams):
+        for a, b in zip(group_a, group_b):
+            assert torch.equal(a, b)

@@ -155,7 +155,10 @@ template <class Pair>
 auto run_directions(const char* op, at::TensorList x, const Pair& pair) {
   TORCH_CHECK(!x.empty(), op, ": x must hold 2 tensors (forward, reverse), got 0");
   const c10::cuda::CUDAGuard guard(x[0].device());
-  if (!kernels::chosen(kernels::Family::kCudaDirections, "streams")) {
+  // A persistent forward fills every multiprocessor with blocks that must all be resident at once:
+  // two side by side would gain nothing and could wait on each other, so they take turns.
+  if (!kernels::chosen(kernels::Family::kCudaDirections, "streams") ||
+      kernels::chosen(kernels::Family::kLstm, "persistent")) {
     return pair([](const std::string&, double, const std::function<void(int)>& job) {
       job(0);
       job(1);
