@@ -15,3 +15,19 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def set_kernel():
+    """elmo_fast.set_kernel(family, mode) for one test: each family it touched is back on "auto" after."""
+    import elmo_fast
+
+    touched = set()
+
+    def choose(family, mode):
+        touched.add(family)
+        elmo_fast.set_kernel(family, mode)
+
+    yield choose
+    for family in touched:
+        elmo_fast.set_kernel(family, "auto")

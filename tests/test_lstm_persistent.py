@@ -16,7 +16,7 @@ import torch
 import elmo_fast
 import elmo_fast.functional as F
 import elmo_fast.reference as R
-from test_lstm_projection import CASES, ORDER, detached, make_case, run
+from test_lstm_projection import CASES, ORDER, check_low_precision_cuda, detached, make_case, run
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 ROWS = 32  # kLstmPtRows
@@ -180,9 +180,8 @@ def test_emulation_matches_reference(case, reverse):
 # --- the switch ----------------------------------------------------------------------------------
 
 @pytest.fixture
-def lstm_kernel():
-    yield lambda mode: elmo_fast.set_kernel("lstm", mode)
-    elmo_fast.set_kernel("lstm", "auto")
+def lstm_kernel(set_kernel):
+    return lambda mode: set_kernel("lstm", mode)
 
 
 def test_kernel_info_lists_the_lstm_family(lstm_kernel):
@@ -274,22 +273,11 @@ def test_persistent_cuda_close_to_stepwise_and_deterministic(lstm_kernel, dtype)
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_persistent_cuda_training_forward_gradients(lstm_kernel, dtype):
+@pytest.mark.parametrize("reverse", [False, True])
+def test_persistent_cuda_training_forward_gradients(lstm_kernel, dtype, reverse):
     """Saved activations from the persistent forward drive the stepwise backward to the reference's gradients."""
-    gen = torch.Generator().manual_seed(32)
-    t, lens = make_case(gen, 5, 9, 17, 64, 16, [3, 9, 9, 1, 0], device="cuda", scale=1.5)
     lstm_kernel("persistent")
-    low = detached(t, dtype)
-    got = run(F.lstm_projection, low, lens, 0.6, 0.4, True)
-    ups = [torch.randn(g.shape, device="cuda", dtype=dtype) for g in got]
-    names = [k for k in ORDER if t[k] is not None]
-    grads = torch.autograd.grad(got, [low[k] for k in names], ups)
-    ex_t = detached(t)
-    ex = run(R.lstm_projection, ex_t, lens, 0.6, 0.4, True)
-    ex_grads = torch.autograd.grad(ex, [ex_t[k] for k in names], [u.double() for u in ups])
-    for name, g, e in zip(names, grads, ex_grads):
-        rel = (g.double() - e).norm() / e.norm().clamp_min(1e-6)
-        assert rel < 5e-2, (name, rel)
+    check_low_precision_cuda(dtype, reverse)
 
 
 @needs_cuda
@@ -343,7 +331,7 @@ def test_persistent_cuda_float32_asked_for_by_name_raises(lstm_kernel):
 
 
 @needs_cuda
-def test_persistent_cuda_bidirectional_ignores_streams(lstm_kernel):
+def test_persistent_cuda_bidirectional_ignores_streams(set_kernel):
     """With the persistent kernel the two directions take turns even when streams are asked for
     (two grids that each need every multiprocessor), with the same bits as serial."""
     from test_lstm_bidirectional import make_pair
@@ -351,15 +339,12 @@ def test_persistent_cuda_bidirectional_ignores_streams(lstm_kernel):
     gen = torch.Generator().manual_seed(36)
     xs, weights, h0, c0 = make_pair(gen, 16, 22, 64, 96, 32, shared_x=False, dtype=torch.bfloat16, device="cuda")
     lens = torch.tensor([22, 3, 22, 0] * 4)
-    lstm_kernel("persistent")
-    try:
-        with torch.no_grad():
-            elmo_fast.set_kernel("cuda_directions", "serial")
-            serial = F.lstm_bidirectional(xs, lens, weights, h0, c0, 0.6, 0.4)
-            elmo_fast.set_kernel("cuda_directions", "streams")
-            streams = F.lstm_bidirectional(xs, lens, weights, h0, c0, 0.6, 0.4)
-    finally:
-        elmo_fast.set_kernel("cuda_directions", "auto")
+    set_kernel("lstm", "persistent")
+    with torch.no_grad():
+        set_kernel("cuda_directions", "serial")
+        serial = F.lstm_bidirectional(xs, lens, weights, h0, c0, 0.6, 0.4)
+        set_kernel("cuda_directions", "streams")
+        streams = F.lstm_bidirectional(xs, lens, weights, h0, c0, 0.6, 0.4)
     for group_a, group_b in zip(serial, streams):
         for a, b in zip(group_a, group_b):
             assert torch.equal(a, b)
