@@ -31,6 +31,8 @@ def _bench(args: argparse.Namespace) -> int:
         shapes, repeats, modes = [(1, 20), (16, 20), (64, 32)], 3, ["forward", "forward+backward"]
     else:
         shapes, repeats, modes = [(1, 20), (16, 20)], 3, ["forward", "forward+backward"]
+    if args.shape:
+        shapes = args.shape
     models = [args.model or "original"]
     threads = [args.threads] if args.threads else ([1] if args.quick else [1, 2])
     print(f"# machine: {json.dumps(benchmark.machine())}")
@@ -55,6 +57,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape(text: str) -> tuple:
+    try:
+        batch, words = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape takes BATCHxWORDS, e.g. 64x32, got {text!r}") from None
+    if batch < 1 or words < 1:
+        raise argparse.ArgumentTypeError(f"--shape needs a batch and words of at least 1, got {text!r}")
+    return batch, words
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elmo-fast", description="A fast, faithful ELMo.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 and 2)")
     bench.add_argument("--quick", action="store_true", help="one shape, forward only (under a minute)")
     bench.add_argument("--full", action="store_true", help="the whole grid incl. 64x32 and the biLM's backward")
+    bench.add_argument("--shape", action="append", type=_shape, metavar="BxW",
+                       help="batch x words to time instead of the mode's shapes (repeatable), e.g. 64x32")
     bench.add_argument("--out", default=os.path.join("bench", "results"), help="directory for the JSON results")
     bench.set_defaults(func=_bench)
     from elmo_fast.embed_cli import add_embed_parser

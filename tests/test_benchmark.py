@@ -34,6 +34,16 @@ def test_cli_info(capsys):
     assert "torch" in info and "cuda_available" in info
 
 
+def test_cli_bench_shape_option(tmp_path, capsys):
+    args = ["bench", "--model", "small", "--op", "highway", "--threads", "1", "--quick", "--out", str(tmp_path)]
+    assert cli.main(args + ["--shape", "2x3", "--shape", "1X4"]) == 0
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert {r["shape"] for r in data["results"]} == {"2x3", "1x4"}
+    with pytest.raises(SystemExit):
+        cli.main(args + ["--shape", "64by32"])
+    assert "--shape takes BATCHxWORDS" in capsys.readouterr().err
+
+
 def test_flops_count_the_dense_work():
     # original highway, 1 sentence of 3 words = 5 tokens, 2 layers of (5 x 2048) @ (2048 x 4096)
     assert benchmark.flops("highway", "original", 1, 3, False) == 2 * 2 * 5 * 2048 * 4096
