@@ -93,6 +93,21 @@ bool validated(Family f, const std::string& kernel) {
   return false;
 }
 
+bool take(Family f, const std::string& kernel, const char* op, const std::function<std::string()>& obstacle) {
+  if (!chosen(f, kernel)) return false;
+  const std::string why = obstacle();
+  if (why.empty()) return true;
+  const FamilyInfo& fam = info_of(f);
+  std::ostringstream others;
+  others << "'auto'";
+  for (const std::string& c : fam.choices) {
+    if (c != kernel) others << " or '" << c << "'";
+  }
+  TORCH_CHECK(mode(f) == "auto", op, ": the ", kernel, " kernel was asked for (", fam.env,
+              " or elmo_fast.set_kernel) but ", why, "; use ", others.str());
+  return false;
+}
+
 std::string info_json() {
   std::ostringstream s;
   s << "{";

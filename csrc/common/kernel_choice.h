@@ -12,6 +12,7 @@
 // build (CPU-only too), so a bad value is the same clear error everywhere.
 #pragma once
 
+#include <functional>
 #include <string>
 
 namespace elmo_fast::kernels {
@@ -37,5 +38,10 @@ inline bool chosen(Family family, const std::string& kernel) {
   const std::string m = mode(family);
   return m == kernel || (m == "auto" && validated(family, kernel));
 }
+
+// Whether `kernel` serves this call of `op`. When it is not chosen: false, and `obstacle` is not
+// called. When it is: `obstacle()` says why it cannot serve the call ("" when it can); then "auto"
+// falls back (false) and a kernel asked for by name raises, naming the switch and the reason.
+bool take(Family family, const std::string& kernel, const char* op, const std::function<std::string()>& obstacle);
 
 }  // namespace elmo_fast::kernels

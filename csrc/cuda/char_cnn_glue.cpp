@@ -44,15 +44,9 @@ cuda::CharCnnGroups to_groups(const CharCnnShape& s) {
 }
 
 // Why the tensor-core kernel cannot serve this call, or "" when it can.
-std::string tensor_core_obstacle(const CharCnnShape& s, const at::Tensor& embedding, const CharCnnTcLayout& layout) {
-  if (embedding.scalar_type() != at::kHalf && embedding.scalar_type() != at::kBFloat16) {
-    return "it takes float16 or bfloat16, got " + std::string(c10::toString(embedding.scalar_type()));
-  }
-  int major = 0;  // cudaDeviceGetAttribute: ATen/cuda/CUDAContext.h would need cuSPARSE's headers
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, embedding.device().index()));
-  if (major < 8) {
-    return "it needs a GPU of compute capability 8.0 or newer";
-  }
+std::string char_cnn_tc_obstacle(const CharCnnShape& s, const at::Tensor& embedding, const CharCnnTcLayout& layout) {
+  const std::string type_or_device = tensor_core_obstacle(embedding.scalar_type(), embedding.device().index());
+  if (!type_or_device.empty()) return type_or_device;
   if (!char_cnn_tc_fits(layout)) {
     return "the shape does not fit it (C = " + std::to_string(s.C) + ", d = " + std::to_string(s.d) +
            ", widest filter " + std::to_string(s.w_max) + ": at most " + std::to_string(kCharCnnTcMaxKSteps * 16) +
@@ -62,12 +56,8 @@ std::string tensor_core_obstacle(const CharCnnShape& s, const at::Tensor& embedd
 }
 
 bool use_tensor_core(const CharCnnShape& s, const at::Tensor& embedding, const CharCnnTcLayout& layout) {
-  const std::string mode = kernels::mode(kernels::Family::kCharCnn);
-  if (!kernels::chosen(kernels::Family::kCharCnn, "tensor_core")) return false;
-  const std::string obstacle = tensor_core_obstacle(s, embedding, layout);
-  TORCH_CHECK(mode == "auto" || obstacle.empty(), "char_cnn: the tensor_core kernel was asked for ",
-              "(ELMO_FAST_CHAR_CNN_KERNEL or elmo_fast.set_kernel) but ", obstacle, "; use 'auto' or 'simt'");
-  return obstacle.empty();
+  return kernels::take(kernels::Family::kCharCnn, "tensor_core", "char_cnn",
+                       [&] { return char_cnn_tc_obstacle(s, embedding, layout); });
 }
 
 // emb (V, d) -> (V, dp) and the weights -> the (Kp, Fp) B-matrix, zero-padded
@@ -111,11 +101,7 @@ std::tuple<at::Tensor, at::Tensor> char_cnn_cuda(const at::Tensor& char_ids, con
           device_ptr<const T>(bias_cat), device_ptr<T>(out), save_activations ? win.data_ptr<int16_t>() : nullptr,
           s.N, s.C, s.V, s.F, s.w_min, layout, groups, use_tanh, stream));
     };
-    if (embedding.scalar_type() == at::kHalf) {
-      launch(TypeTag<__half>{});
-    } else {
-      launch(TypeTag<__nv_bfloat16>{});
-    }
+    dispatch_half_types(embedding.scalar_type(), launch);
     return {out, win};
   }
   const at::Tensor packed_t = pack_char_cnn_weight(weight, s, embedding.scalar_type()).t().contiguous();

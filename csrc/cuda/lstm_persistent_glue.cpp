@@ -17,31 +17,12 @@
 namespace elmo_fast {
 namespace {
 
-int device_attribute(cudaDeviceAttr attr, int device) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
-  return value;
-}
-
-template <class Fn>
-void dispatch_half_types(at::ScalarType type, Fn&& fn) {
-  if (type == at::kHalf) {
-    fn(TypeTag<__half>{});
-  } else {
-    fn(TypeTag<__nv_bfloat16>{});
-  }
-}
-
 // Why the persistent kernel cannot serve this call, or "" when it can (then *layout is its layout).
 std::string persistent_obstacle(const LstmSteps& st, LstmPersistentLayout* layout) {
   const at::Tensor& g = st.g;
-  if (g.scalar_type() != at::kHalf && g.scalar_type() != at::kBFloat16) {
-    return "it takes float16 or bfloat16, got " + std::string(c10::toString(g.scalar_type()));
-  }
   const int device = g.device().index();
-  if (device_attribute(cudaDevAttrComputeCapabilityMajor, device) < 8) {
-    return "it needs a GPU of compute capability 8.0 or newer";
-  }
+  const std::string type_or_device = tensor_core_obstacle(g.scalar_type(), device);
+  if (!type_or_device.empty()) return type_or_device;
   if (device_attribute(cudaDevAttrCooperativeLaunch, device) == 0) {
     return "the GPU does not support cooperative launches";
   }
@@ -72,13 +53,11 @@ std::string persistent_obstacle(const LstmSteps& st, LstmPersistentLayout* layou
 }  // namespace
 
 bool run_persistent_steps(const LstmSteps& st) {
-  if (!kernels::chosen(kernels::Family::kLstm, "persistent")) return false;
   LstmPersistentLayout layout;
-  const std::string obstacle = persistent_obstacle(st, &layout);
-  TORCH_CHECK(kernels::mode(kernels::Family::kLstm) == "auto" || obstacle.empty(),
-              "lstm_projection: the persistent kernel was asked for (ELMO_FAST_LSTM_KERNEL or elmo_fast.set_kernel) ",
-              "but ", obstacle, "; use 'auto' or 'stepwise'");
-  if (!obstacle.empty()) return false;
+  if (!kernels::take(kernels::Family::kLstm, "persistent", "lstm_projection",
+                     [&] { return persistent_obstacle(st, &layout); })) {
+    return false;
+  }
 
   const at::Tensor& g = st.g;
   const int64_t B = st.plan.B, n = st.c_state.size(1), P = st.hbuf.size(1);
