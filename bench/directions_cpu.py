@@ -1,6 +1,6 @@
 """Bidirectional LSTM layer of the original ELMo size (input 512, hidden 4096, proj 512) on the CPU:
 torch.nn.LSTM vs elmo_fast.nn.LSTM with its two directions run one after the other (each GEMM on all
-threads) or side by side (one thread each), ELMO_FAST_CPU_DIRECTIONS=serial|concurrent, and what
+threads) or side by side (each on half of the threads), ELMO_FAST_CPU_DIRECTIONS=serial|concurrent, and what
 "auto" picks after measuring.
 
     python bench/directions_cpu.py [--threads 1 2] [--batches 1 16 64] [--steps 22] [--rounds 5] [--json F]

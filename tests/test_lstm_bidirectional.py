@@ -1,6 +1,11 @@
 """Both directions of a layer in one op (torch.ops.elmo_fast.lstm_bidirectional), one after the other or
 side by side (ELMO_FAST_CPU_DIRECTIONS), against reference.lstm_projection per direction."""
 import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
 
 import pytest
 import torch
@@ -57,7 +62,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode,threads", [("serial", 1), ("serial", 2), ("concurrent", 2), ("concurrent", 3), ("auto", 2)])
+@pytest.mark.parametrize("mode,threads", [("serial", 1), ("serial", 2), ("concurrent", 2), ("concurrent", 3),
+                                          ("concurrent", 4), ("auto", 2)])
 @pytest.mark.parametrize("shared_x", [True, False])
 @pytest.mark.parametrize("case", CASES)
 def test_bidirectional_matches_reference(case, shared_x, mode, threads, directions_mode):
@@ -83,10 +89,11 @@ def test_bidirectional_matches_reference(case, shared_x, mode, threads, directio
                              w if w is not None else torch.zeros_like(params[j]), f"grad {j}", **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("threads", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_concurrent_equals_serial(dtype, directions_mode):
+def test_concurrent_equals_serial(dtype, threads, directions_mode):
     """The same GEMMs and pointwise passes run either way: side by side changes nothing but threads."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(3)
     xs, weights, h0, c0 = make_pair(gen, 6, 7, 32, 48, 16, shared_x=False, dtype=dtype, scale=2.0)
     lens = torch.tensor([7, 3, 0, 7, 1, 5])
@@ -130,6 +137,96 @@ def test_one_thread_never_splits(directions_mode):
     out, _, _ = F.lstm_bidirectional(xs[0], torch.tensor([3, 2]), weights, h0, c0)
     want = R.lstm_projection(xs[0], torch.tensor([3, 2]), *weights[1], h0[1], c0[1], None, None, True)
     assert_close_verbose(out[1], want[0], **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("threads,teams", [(2, [1, 1]), (3, [2, 1]), (4, [2, 2]), (5, [3, 2]), (7, [2, 2, 2, 1])])
+def test_thread_teams_split_the_threads(threads, teams):
+    """Note [thread teams]: each job runs at the same time as the others, and ATen, OpenMP and MKL all see
+    its team's size inside it; the caller's count is back afterwards. (threads > cores is fine here.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.elmo_fast._cpu_teams_probe(threads, len(teams))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    for i, size in enumerate(teams):
+        aten, team, together, mkl = got[4 * i:4 * i + 4]
+        assert (aten, team, together) == (size, size, 1), (i, got)
+        assert mkl in (size, -1), (i, got)  # -1: a torch without MKL
+
+
+def test_thread_teams_refuse_more_teams_than_threads():
+    with pytest.raises(RuntimeError, match="cannot split 2 threads into 3 teams"):
+        torch.ops.elmo_fast._cpu_teams_probe(2, 3)
+
+
+def test_concurrent_error_in_helper_propagates(directions_mode):
+    """The reverse direction runs on a helper thread: its exception reaches the caller, and the helper
+    takes the next call."""
+    directions_mode("concurrent")
+    torch.set_num_threads(2)
+    a = _good()
+    cols = [[a["weights"][0][k], a["weights"][1][k]] for k in range(4)]
+    bad_w_hh = [cols[1][0], torch.zeros(20, 4, dtype=torch.float64)]
+    with pytest.raises(RuntimeError, match="w_hh"):
+        torch.ops.elmo_fast.lstm_bidirectional(a["x"], a["lengths"], cols[0], bad_w_hh, *cols[2:], a["h0"], a["c0"],
+                                               0.0, 0.0, False)
+    got = torch.ops.elmo_fast.lstm_bidirectional(a["x"], a["lengths"], *cols, a["h0"], a["c0"], 0.0, 0.0, False)
+    want = R.lstm_projection(a["x"][1], a["lengths"], *a["weights"][1], a["h0"][1], a["c0"][1], None, None, True)
+    assert_close_verbose(got[0][1], want[0], **TOL[torch.float64])
+
+
+def test_concurrent_from_two_python_threads(directions_mode):
+    """Two callers at once: one gets the helper, the other runs its directions one after the other
+    (teams of 2: with 2 threads each caller would use its own OpenMP team and no helper)."""
+    directions_mode("concurrent")
+    torch.set_num_threads(4)
+    a = _good()
+    want = [R.lstm_projection(a["x"][i], a["lengths"], *a["weights"][i], a["h0"][i], a["c0"][i], None, None, i == 1)[0]
+            for i in range(2)]
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(30):
+                out, _, _ = F.lstm_bidirectional(a["x"], a["lengths"], a["weights"], a["h0"], a["c0"])
+                for i in range(2):
+                    assert_close_verbose(out[i], want[i], **TOL[torch.float64])
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_thread_teams_in_a_forked_child():
+    """A forked child has no helper threads (Note [thread teams]): it must make new ones, not wait on the
+    parent's. libgomp does not survive a fork in a thread that has opened a parallel region, so the
+    parent's teams run from a side thread and the child's from the main thread."""
+    code = textwrap.dedent("""
+        import os, signal, threading, torch, elmo_fast
+        probe = torch.ops.elmo_fast._cpu_teams_probe
+        parent = []
+        side = threading.Thread(target=lambda: parent.append(probe(4, 2)))
+        side.start()
+        side.join()
+        assert parent[0][2] == parent[0][6] == 1, parent  # teams of 2: the parent's helper ran job 1
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(30)  # a child stuck on the parent's helper must not outlive the test
+            got = probe(4, 2)
+            os._exit(0 if got[2] == got[6] == 1 else 3)
+        _, status = os.waitpid(pid, 0)
+        raise SystemExit(os.waitstatus_to_exitcode(status))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)
+    assert result.returncode == 0, (result.returncode, result.stderr)
 
 
 def test_bad_mode_rejected(directions_mode):

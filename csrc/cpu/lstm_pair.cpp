@@ -3,12 +3,14 @@
 // that choice.
 #include <functional>
 #include <string>
+#include <vector>
 
 #include <torch/library.h>
 
 #include "common/lstm_pair.h"
 #include "cpu/ops_cpu.h"
 #include "cpu/side_by_side.h"
+#include "cpu/thread_teams.h"
 
 namespace elmo_fast {
 
@@ -21,6 +23,9 @@ void run_cpu_pair(const std::string& key, double flops, const std::function<void
 void set_cpu_directions(c10::string_view mode) { cpu_pair::set_mode(std::string(mode)); }
 std::string cpu_directions_info() { return cpu_pair::info_json(); }
 void cpu_directions_reset() { cpu_pair::reset(); }
+std::vector<int64_t> cpu_teams_probe(int64_t threads, int64_t jobs) {
+  return cpu_teams::probe(static_cast<int>(threads), static_cast<int>(jobs));
+}
 
 }  // namespace
 
@@ -47,4 +52,5 @@ TORCH_LIBRARY_FRAGMENT(elmo_fast, m) {
   m.def("_set_cpu_directions(str mode) -> ()", &elmo_fast::set_cpu_directions);
   m.def("_cpu_directions_info() -> str", &elmo_fast::cpu_directions_info);
   m.def("_cpu_directions_reset() -> ()", &elmo_fast::cpu_directions_reset);
+  m.def("_cpu_teams_probe(int threads, int jobs) -> int[]", &elmo_fast::cpu_teams_probe);
 }

@@ -1,19 +1,16 @@
 // Note [side by side]
 // The two directions of an LSTM layer are independent chains of small GEMMs. With two or more intra-op
-// threads there are two ways to run them: one after the other, every GEMM split over all threads, or
-// side by side, each direction on one thread. Which wins depends on the machine, not the code: on
-// one of our 2-core machines two threads ran a GEMM 3x slower than one, on another (this Zen 4) they
-// scale almost perfectly and the split gains ~3%, and at batch 1 (GEMV-like steps) it loses. So in
-// "auto" the choice is measured per shape class and thread count: the first kWarmup calls run one
-// after the other untimed (they pay for packing weights, cpu/gemm.cpp), then kTrials calls of each
-// way alternate, and from then on the faster way runs (still timed; each way keeps its best).
-//
-// Side by side is an at::parallel_for over the two jobs: inside it ATen's own parallel_for runs
-// inline, and oneDNN and MKL see an active OpenMP region and run on the calling thread, so each job
-// gets exactly one thread and nothing is oversubscribed. With more than two threads the others idle
-// for that call; the measurement then usually prefers one after the other. The jobs run on OpenMP
-// worker threads, which do not inherit the caller's thread-local state (grad mode, dispatch keys
-// excluded below autograd): it is copied in, or the jobs' ATen calls would try to record autograd.
+// threads there are two ways to run them: one after the other, every GEMM split over all T threads,
+// or side by side, each direction on its own team of about T/2 threads (Note [thread teams] in
+// cpu/thread_teams.cpp; 1 each on a 2-thread machine). Which wins depends on the machine, not the
+// code: on one of our 2-core machines two threads ran a GEMM 3x slower than one, on another (a Zen 4)
+// they scale almost perfectly and the split gains ~3%, and at batch 1 (GEMV-like steps) it loses;
+// on many cores a GEMM split T ways has less to do per thread per step than a T/2 split, so the
+// split should gain there (not measured: no many-core machine). So in "auto" the choice is measured
+// per shape class and thread count: the first kWarmup calls run one after the other untimed (they
+// pay for packing weights, cpu/gemm.cpp), then kTrials calls of each way alternate, and from then on
+// the faster way runs (still timed; each way keeps its best). Inside a job at::get_num_threads() is
+// the team's size, so the GEMM layer's measured path (Note [measured path]) is decided per team size.
 #include "cpu/side_by_side.h"
 
 #include <atomic>
@@ -24,9 +21,9 @@
 #include <sstream>
 
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <c10/util/Exception.h>
 
+#include "cpu/thread_teams.h"
 #include "cpu/timed_choice.h"
 
 namespace elmo_fast::cpu_pair {
@@ -100,18 +97,14 @@ void run(const std::string& key, double flops, const std::function<void(int)>& j
   const std::string full_key = key + "/threads=" + std::to_string(threads);
   const Choice choice = choose(full_key, flops, threads);
   const auto start = std::chrono::steady_clock::now();
-  if (choice.side_by_side) {
-    const at::ThreadLocalState state;
-    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-      const at::ThreadLocalStateGuard guard(state);
-      for (int64_t i = begin; i < end; ++i) job(static_cast<int>(i));
-    });
-  } else {
+  // A second Python thread's call finds the helpers busy and runs one after the other.
+  const bool side_by_side = choice.side_by_side && cpu_teams::try_run(cpu_teams::split(threads, 2), job);
+  if (!side_by_side) {
     job(0);
     job(1);
   }
   if (choice.timed) {
-    record(full_key, choice.side_by_side,
+    record(full_key, side_by_side,
            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
 }

@@ -1,5 +1,5 @@
 // Two independent CPU jobs (the two directions of an LSTM layer) run either one after the other,
-// each with all of torch's intra-op threads, or side by side, one thread each: whichever is faster on
+// each with all of torch's intra-op threads, or side by side, each on half of them: whichever is faster on
 // this machine for this shape, measured at run time (Note [side by side] in side_by_side.cpp).
 #pragma once
 
