@@ -109,6 +109,14 @@ def _lstm_bidirectional_backward_fake(grad_out, grad_h_n, grad_c_n, x, lengths, 
     return tuple([d[k] for d in per_direction] for k in range(7))
 
 
+@torch.library.register_fake("elmo_fast::_lstm_chains")
+def _lstm_chains_fake(x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, reverse, cell_clip, proj_clip):
+    """Independent inference chains (Note [wavefront] in elmo_fast/wavefront.py): out, h_n, c_n each."""
+    per_chain = [_lstm_projection_fake(x[i], lengths[i], w_ih[i], w_hh[i], bias[i], w_proj[i], h0[i], c0[i],
+                                       cell_clip, proj_clip, reverse[i], False) for i in range(len(x))]
+    return tuple([c[k] for c in per_chain] for k in range(3))
+
+
 def _lstm_bidirectional_setup_context(ctx, inputs, output):
     x, lengths, w_ih, w_hh, bias, w_proj, h0, c0, cell_clip, proj_clip, save = inputs
     ctx.has_bias = [b is not None for b in bias]

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from elmo_fast import cuda_graphs, functional
+from elmo_fast import cuda_graphs, functional, wavefront
 from elmo_fast.nn.lstm import LstmCellWithProjection
 from elmo_fast.chars import BOS_CHARS, EOS_CHARS, MAX_CHARS, N_CHARACTERS, token_to_ids
 from elmo_fast.weights import load_weights
@@ -349,8 +349,9 @@ class ElmoLstm(nn.Module):
             key = (tuple(inputs.shape), inputs.dtype, inputs.device, tuple(lengths.tolist()),
                    tuple(p.data_ptr() for p in self.parameters()), self.cell_clip_value, self.proj_clip_value)
             outputs, h_n, c_n = self._graphs(key, lambda x, h, c: self._run_stack(x, lengths, h, c), inputs, h0, c0)
-        else:
-            outputs, h_n, c_n = self._run_stack(inputs, lengths, h0, c0)
+        else:  # on many-core CPUs the layers may run as a pipeline (Note [wavefront], elmo_fast/wavefront.py)
+            outputs, h_n, c_n = wavefront.run(self, inputs, lengths, h0, c0,
+                                              lambda: self._run_stack(inputs, lengths, h0, c0))
         if self.stateful:
             self._update_states(h_n, c_n)
         return outputs
