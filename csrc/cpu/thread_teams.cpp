@@ -166,6 +166,10 @@ bool try_run(const std::vector<int>& sizes, const std::function<void(int)>& job)
   Pool& p = pool();
   bool expected = false;
   if (!p.busy.compare_exchange_strong(expected, true)) return false;
+  struct Release {  // also when making a helper throws (no task has started then)
+    std::atomic<bool>& busy;
+    ~Release() { busy.store(false); }
+  } release{p.busy};
   while (static_cast<int>(p.helpers.size()) < jobs - 1) p.helpers.push_back(new Helper);
   for (int i = 1; i < jobs; ++i) {
     p.helpers[i - 1]->start([&, i] {
@@ -188,7 +192,6 @@ bool try_run(const std::vector<int>& sizes, const std::function<void(int)>& job)
       if (!error) error = std::current_exception();
     }
   }
-  p.busy.store(false);
   if (error) std::rethrow_exception(error);
   return true;
 }
