@@ -1,11 +1,14 @@
-"""ElmoLstm's layers as a pipeline over chunks of time steps on many-core CPUs (inference).
+"""LSTM layers as a pipeline over chunks of time steps on many-core CPUs (inference): ElmoLstm's two
+stacks, and elmo_fast.nn.LSTM with several layers in one direction.
 
 Note [wavefront]
-ElmoLstm's forward and backward stacks are independent, and within a stack layer l + 1 at step t needs
-only layer l up to step t. So with threads to spare the layers can run as a pipeline over K chunks of
-time: at stage s, layer l of the forward stack runs chunk s - l and layer l of the backward stack runs
-chunk K - 1 - (s - l) (it reads time from the end), and a stage's chains (up to 2 L) run at the same
-time, each on its own team of threads (torch.ops.elmo_fast._lstm_chains, csrc/cpu/lstm_chains.cpp).
+In a stack of LSTM layers that all run one way (ElmoLstm has two such stacks, forward and backward;
+a unidirectional nn.LSTM one), layer l + 1 at step t needs only layer l up to step t. So with threads
+to spare the layers can run as a pipeline over K chunks of time: at stage s, layer l of a forward stack
+runs chunk s - l and layer l of a backward stack runs chunk K - 1 - (s - l) (it reads time from the
+end), and a stage's chains (up to L per stack) run at the same time, each on its own team of threads
+(torch.ops.elmo_fast._lstm_chains, csrc/cpu/lstm_chains.cpp). A bidirectional nn.LSTM has no such
+pipeline: each of its layers reads both directions of the one below at every step.
 Chunk k of a row is its steps [b_k, b_k+1) with length clamp(length - b_k, 0, b_k+1 - b_k), and the state
 carries from chunk to chunk: a row that ended before b_k passes its state through (lstm_projection's
 length-0 rule), and the reverse direction runs each row backwards within its length inside a chunk,
@@ -13,17 +16,17 @@ which is the whole sequence's reverse order cut at the boundaries. Results are t
 results up to float rounding (each chunk has its own input GEMM).
 Costs: K chunks take K + L - 1 stages, the first and last L - 1 with fewer chains; the input GEMMs are
 1/K as tall. It can only pay where a GEMM split over T threads scales worse than over T / 2 L, i.e. on
-many cores; our 2-core machines cannot show that. So "auto" considers it only with at least 2 L threads
-(one per chain) and then times it against the layer-by-layer path on the first calls of each shape
-class, keeping the faster; "on" always takes it where it applies, "off" never
+many cores; our 2-core machines cannot show that. So "auto" considers it only with 2 or more layers and
+at least a thread per chain of a full stage, and then times it against the layer-by-layer path on the
+first calls of each shape class, keeping the faster; "on" always takes it where it applies, "off" never
 (ELMO_FAST_CPU_WAVEFRONT, or set_mode). It applies to CPU inference only: no autograd, no autocast,
-inputs and parameters of one dtype, not under torch.compile.
+no dropout, inputs and parameters of one dtype, not under torch.compile.
 """
 import math
 import os
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,6 +39,8 @@ _WARMUP, _TRIALS = 1, 2
 _mode: Optional[str] = None
 _lock = threading.Lock()
 _records: Dict[tuple, dict] = {}
+
+Stacks = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _parse(mode: str, where: str) -> str:
@@ -79,32 +84,33 @@ def _decision(rec: dict) -> Optional[str]:
     return "wavefront" if rec["best"][1] < rec["best"][0] else "layers"
 
 
-def _applies(module, inputs: torch.Tensor, h0: torch.Tensor) -> bool:
-    if inputs.device.type != "cpu" or inputs.shape[0] == 0 or inputs.shape[1] < 2 or module.num_layers < 1:
+def _applies(inputs: torch.Tensor, h0: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+    if inputs.device.type != "cpu" or inputs.shape[0] == 0 or inputs.shape[1] < 2:
         return False
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    params = list(module.parameters())
     if any(p.dtype != inputs.dtype or p.device.type != "cpu" for p in params) or h0.dtype != inputs.dtype:
         return False  # the layer-by-layer path raises its clear errors (or casts)
     return not (torch.is_grad_enabled() and (inputs.requires_grad or h0.requires_grad or
                                              any(p.requires_grad for p in params)))
 
 
-def run(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-        layer_by_layer: Callable[[], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """ElmoLstm's stack by the wavefront or by `layer_by_layer`, as the mode and the measurements say."""
-    current = mode()
-    if current == "off" or not _applies(module, inputs, h0):
-        return layer_by_layer()
-    if current == "on":
-        return run_stack(module, inputs, lengths, h0, c0)
-    threads = torch.get_num_threads()
-    if module.num_layers < 2 or threads < 2 * module.num_layers:
-        return layer_by_layer()
+def _shape_key(what: str, inputs: torch.Tensor, *sizes) -> tuple:
     B, T = inputs.shape[:2]
-    key = (str(inputs.dtype), module.input_size, module.hidden_size, module.cell_size, module.num_layers,
-           f"B>={2 ** int(math.log2(B))}", f"T>={2 ** int(math.log2(T))}", f"threads={threads}")
+    return (what, str(inputs.dtype), *sizes, f"B>={2 ** int(math.log2(B))}", f"T>={2 ** int(math.log2(T))}")
+
+
+def _choose(key: tuple, layers: int, chains: int, wavefront: Callable[[], Stacks],
+            layer_by_layer: Callable[[], Stacks]) -> Stacks:
+    """One of the two ways, as the mode and the measurements of this shape class say (the caller has
+    checked that the wavefront applies)."""
+    current = mode()
+    if current == "on":
+        return wavefront()
+    threads = torch.get_num_threads()
+    if current == "off" or layers < 2 or threads < chains:
+        return layer_by_layer()
+    key = key + (f"threads={threads}",)
     with _lock:
         rec = _records.setdefault(key, dict(calls=0, runs=[0, 0], best=[math.inf, math.inf]))
         rec["calls"] += 1
@@ -116,7 +122,7 @@ def run(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c
         else:
             way = 1 if decided == "wavefront" else 0
     start = time.perf_counter()
-    result = run_stack(module, inputs, lengths, h0, c0) if way == 1 else layer_by_layer()
+    result = wavefront() if way == 1 else layer_by_layer()
     if way is not None:
         elapsed = time.perf_counter() - start
         with _lock:
@@ -125,36 +131,83 @@ def run(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c
     return result
 
 
-def run_stack(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-              chunks: int = CHUNKS):
-    """ElmoLstm._run_stack by the wavefront (Note [wavefront]): -> (L, B, T, 2P), h_n, c_n."""
+def pipeline(inputs: torch.Tensor, lengths: torch.Tensor, weights: Sequence[Sequence[tuple]],
+             reverse: Sequence[bool], h0: Sequence[Sequence[torch.Tensor]], c0: Sequence[Sequence[torch.Tensor]],
+             cell_clip: float, proj_clip: float, skip: bool, chunks: int = CHUNKS):
+    """Stacks of layers over one input by the wavefront (Note [wavefront]). weights[s][l]: stack s, layer
+    l as (w_ih, w_hh, bias, w_proj); reverse[s]: the stack's direction; h0/c0[s][l] its initial state;
+    skip: layers >= 1 add their input to their output (ElmoLstm). Returns out[s][l] (B, T, P) and the
+    final h[s][l], c[s][l]."""
     T = inputs.shape[1]
-    L, p, n = module.num_layers, module.hidden_size, module.cell_size
+    S, L = len(weights), len(weights[0])
     K = max(1, min(chunks, T))
     bounds = [k * T // K for k in range(K + 1)]
     chunk_lengths = [(lengths - bounds[k]).clamp(0, bounds[k + 1] - bounds[k]) for k in range(K)]
-    stacks = (module.forward_layers, module.backward_layers)
-    weights = [[layer.weights() for layer in stack] for stack in stacks]
-    state = [[(h0[l, :, d * p:(d + 1) * p], c0[l, :, d * n:(d + 1) * n]) for l in range(L)] for d in range(2)]
-    out: List[List[List[Optional[torch.Tensor]]]] = [[[None] * K for _ in range(L)] for _ in range(2)]
-    cell = functional._check_clip(module.cell_clip_value, "cell_clip")
-    proj = functional._check_clip(module.proj_clip_value, "proj_clip")
+    state = [[(h0[s][l], c0[s][l]) for l in range(L)] for s in range(S)]
+    out: List[List[List[Optional[torch.Tensor]]]] = [[[None] * K for _ in range(L)] for _ in range(S)]
     for stage in range(K + L - 1):
-        chains = []  # (direction, layer, chunk, input)
+        chains = []  # (stack, layer, chunk, input)
         for l in range(max(0, stage - K + 1), min(L, stage + 1)):
-            for d in range(2):
-                k = stage - l if d == 0 else K - 1 - (stage - l)
-                x = inputs[:, bounds[k]:bounds[k + 1]] if l == 0 else out[d][l - 1][k]
-                chains.append((d, l, k, x))
+            for s in range(S):
+                k = K - 1 - (stage - l) if reverse[s] else stage - l
+                x = inputs[:, bounds[k]:bounds[k + 1]] if l == 0 else out[s][l - 1][k]
+                chains.append((s, l, k, x))
         results = torch.ops.elmo_fast._lstm_chains(
             [x for _, _, _, x in chains], [chunk_lengths[k] for _, _, k, _ in chains],
-            *([weights[d][l][i] for d, l, _, _ in chains] for i in range(4)),
-            [state[d][l][0] for d, l, _, _ in chains], [state[d][l][1] for d, l, _, _ in chains],
-            [d == 1 for d, _, _, _ in chains], cell, proj)
-        for (d, l, k, x), o, h, c in zip(chains, *results):
-            out[d][l][k] = o + x if l != 0 else o  # skip connections on outputs only (spec §5.3)
-            state[d][l] = (h, c)
-    outputs = torch.stack([torch.cat([torch.cat(out[d][l], dim=1) for d in range(2)], dim=-1) for l in range(L)])
-    h_n = torch.stack([torch.cat([state[0][l][0], state[1][l][0]], dim=-1) for l in range(L)])
-    c_n = torch.stack([torch.cat([state[0][l][1], state[1][l][1]], dim=-1) for l in range(L)])
-    return outputs, h_n, c_n
+            *([weights[s][l][i] for s, l, _, _ in chains] for i in range(4)),
+            [state[s][l][0] for s, l, _, _ in chains], [state[s][l][1] for s, l, _, _ in chains],
+            [reverse[s] for s, _, _, _ in chains], cell_clip, proj_clip)
+        for (s, l, k, x), o, h, c in zip(chains, *results):
+            out[s][l][k] = o + x if skip and l != 0 else o
+            state[s][l] = (h, c)
+    outputs = [[torch.cat(out[s][l], dim=1) for l in range(L)] for s in range(S)]
+    return outputs, [[h for h, _ in row] for row in state], [[c for _, c in row] for row in state]
+
+
+def run_stack(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+              chunks: int = CHUNKS) -> Stacks:
+    """ElmoLstm._run_stack by the wavefront: -> (L, B, T, 2P), h_n, c_n."""
+    L, p, n = module.num_layers, module.hidden_size, module.cell_size
+    stacks = (module.forward_layers, module.backward_layers)
+    outs, hs, cs = pipeline(
+        inputs, lengths, [[layer.weights() for layer in stack] for stack in stacks], (False, True),
+        [[h0[l, :, d * p:(d + 1) * p] for l in range(L)] for d in range(2)],
+        [[c0[l, :, d * n:(d + 1) * n] for l in range(L)] for d in range(2)],
+        functional._check_clip(module.cell_clip_value, "cell_clip"),
+        functional._check_clip(module.proj_clip_value, "proj_clip"), skip=True, chunks=chunks)
+    join = lambda per_stack: torch.stack([torch.cat([per_stack[0][l], per_stack[1][l]], dim=-1)  # noqa: E731
+                                          for l in range(L)])
+    return join(outs), join(hs), join(cs)
+
+
+def run(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+        layer_by_layer: Callable[[], Stacks]) -> Stacks:
+    """ElmoLstm's stack by the wavefront or by `layer_by_layer`, as the mode and the measurements say."""
+    if module.num_layers < 1 or not _applies(inputs, h0, list(module.parameters())):
+        return layer_by_layer()
+    key = _shape_key("ElmoLstm", inputs, module.input_size, module.hidden_size, module.cell_size, module.num_layers)
+    return _choose(key, module.num_layers, 2 * module.num_layers,
+                   lambda: run_stack(module, inputs, lengths, h0, c0), layer_by_layer)
+
+
+def lstm_applies(module, x: torch.Tensor, h0: torch.Tensor) -> bool:
+    """Whether elmo_fast.nn.LSTM may take run_lstm: one direction, several layers, no dropout between them."""
+    return (not module.bidirectional and module.num_layers >= 2 and not (module.dropout > 0 and module.training)
+            and _applies(x, h0, list(module.parameters())))
+
+
+def run_lstm(module, x: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+             layer_by_layer: Callable[[], Stacks], chunks: int = CHUNKS) -> Stacks:
+    """elmo_fast.nn.LSTM's layers (x (B, T, I) batch first; h0, c0 (L, B, .)) by the wavefront or by
+    `layer_by_layer`, as the mode and the measurements say: -> last layer's out, h_n, c_n."""
+    L = module.num_layers
+
+    def wavefront() -> Stacks:
+        outs, hs, cs = pipeline(x, lengths, [[module._weights(l) for l in range(L)]], (False,),
+                                [list(h0.unbind(0))], [list(c0.unbind(0))],
+                                functional._check_clip(module.cell_clip, "cell_clip"),
+                                functional._check_clip(module.proj_clip, "proj_clip"), skip=False, chunks=chunks)
+        return outs[0][-1], torch.stack(hs[0]), torch.stack(cs[0])
+
+    key = _shape_key("LSTM", x, module.input_size, module.hidden_size, module.proj_size, L)
+    return _choose(key, L, L, wavefront, layer_by_layer)

@@ -3,6 +3,7 @@ the reference stack, the switch and its measured choice, and the _lstm_chains op
 import pytest
 import torch
 
+import elmo_fast
 from elmo_fast import reference as R
 from elmo_fast import wavefront
 from elmo_fast.elmo import ElmoLstm
@@ -133,8 +134,53 @@ def test_auto_needs_a_team_per_chain_then_measures(wavefront_mode):
         for _ in range(5):  # 1 warm-up call, then 2 timed calls each way
             assert_close_verbose(lstm(x, mask), want, rtol=1e-5, atol=1e-5)
     (key, decision), = wavefront.info()["decisions"].items()
-    assert key.startswith("torch.float32 8 6 10 2") and key.endswith("threads=4"), key
+    assert key.startswith("ElmoLstm torch.float32 8 6 10 2") and key.endswith("threads=4"), key
     assert decision["choice"] in ("layers", "wavefront") and decision["layers_ms"] > 0 < decision["wavefront_ms"]
+
+
+@pytest.mark.parametrize("proj_size,batch_first,packed,hx", [(0, False, False, False), (3, True, False, True),
+                                                              (3, False, True, True), (0, True, True, False)])
+@pytest.mark.parametrize("num_layers", [2, 3])
+def test_nn_lstm_wavefront_matches_torch(num_layers, proj_size, batch_first, packed, hx, wavefront_mode, monkeypatch):
+    """elmo_fast.nn.LSTM with several layers in one direction: the pipeline gives torch.nn.LSTM's results."""
+    wavefront_mode("on")
+    torch.manual_seed(num_layers * 10 + proj_size)
+    ref = torch.nn.LSTM(5, 7, num_layers=num_layers, proj_size=proj_size, batch_first=batch_first).double()
+    ours = elmo_fast.nn.LSTM(5, 7, num_layers=num_layers, proj_size=proj_size, batch_first=batch_first).double()
+    ours.load_state_dict(ref.state_dict())
+    lengths = torch.tensor([9, 4, 1, 7])
+    x = torch.randn(4, 9, 5, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    args = [torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+            if packed else x]
+    if hx:
+        args.append((torch.randn(num_layers, 4, proj_size or 7, dtype=torch.float64),
+                     torch.randn(num_layers, 4, 7, dtype=torch.float64)))
+    real, calls = wavefront.pipeline, []
+    monkeypatch.setattr(wavefront, "pipeline", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        got, (h_n, c_n) = ours(*args)
+        want, (h_want, c_want) = ref(*args)
+    assert calls == [1]
+    if packed:
+        got, want = got.data, want.data
+    for g, w in ((got, want), (h_n, h_want), (c_n, c_want)):
+        assert_close_verbose(g, w, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("how", ["bidirectional", "one layer", "dropout while training", "gradients"])
+def test_nn_lstm_without_a_pipeline_steps_layer_by_layer(how, wavefront_mode, monkeypatch):
+    wavefront_mode("on")
+    torch.manual_seed(1)
+    lstm = elmo_fast.nn.LSTM(4, 6, num_layers=1 if how == "one layer" else 2, bidirectional=how == "bidirectional",
+                             dropout=0.5 if how == "dropout while training" else 0.0).double()
+    lstm.train(how == "dropout while training")
+    monkeypatch.setattr(wavefront, "pipeline", lambda *a, **k: pytest.fail("took the wavefront"))
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    with torch.set_grad_enabled(how == "gradients"):
+        out, _ = lstm(x)
+    if how == "gradients":
+        out.sum().backward()
 
 
 def test_bad_mode_rejected(wavefront_mode, monkeypatch):

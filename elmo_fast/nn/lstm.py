@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from elmo_fast import functional as F
+from elmo_fast import wavefront
 
 __all__ = ["LSTM", "LstmCellWithProjection"]
 
@@ -99,24 +100,31 @@ class LSTM(nn.Module):
                 raise ValueError(f"LSTM: h_0 must have shape {(L * D, B, out_size)}, got {tuple(h0.shape)}")
             if tuple(c0.shape) != (L * D, B, self.hidden_size):
                 raise ValueError(f"LSTM: c_0 must have shape {(L * D, B, self.hidden_size)}, got {tuple(c0.shape)}")
-        h_n, c_n = [], []
-        layer_in = x
-        for layer in range(L):
-            k = layer * D
-            if D == 1:
-                out, h, c = F.lstm_projection(layer_in, lengths, *self._weights(k), h0[k], c0[k], self.cell_clip,
-                                              self.proj_clip)
-                outs, hs, cs = [out], [h], [c]
-            else:  # one op for both directions, so the CPU may run them side by side
-                outs, hs, cs = F.lstm_bidirectional(layer_in, lengths, [self._weights(k), self._weights(k + 1)],
-                                                    [h0[k], h0[k + 1]], [c0[k], c0[k + 1]], self.cell_clip,
-                                                    self.proj_clip)
-            h_n += hs
-            c_n += cs
-            layer_in = outs[0] if D == 1 else torch.cat(outs, dim=-1)
-            if self.dropout > 0 and self.training and layer < L - 1:
-                layer_in = nn.functional.dropout(layer_in, self.dropout, training=True)
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+
+        def layer_by_layer():
+            h_n, c_n = [], []
+            layer_in = x
+            for layer in range(L):
+                k = layer * D
+                if D == 1:
+                    out, h, c = F.lstm_projection(layer_in, lengths, *self._weights(k), h0[k], c0[k], self.cell_clip,
+                                                  self.proj_clip)
+                    outs, hs, cs = [out], [h], [c]
+                else:  # one op for both directions, so the CPU may run them side by side
+                    outs, hs, cs = F.lstm_bidirectional(layer_in, lengths, [self._weights(k), self._weights(k + 1)],
+                                                        [h0[k], h0[k + 1]], [c0[k], c0[k + 1]], self.cell_clip,
+                                                        self.proj_clip)
+                h_n += hs
+                c_n += cs
+                layer_in = outs[0] if D == 1 else torch.cat(outs, dim=-1)
+                if self.dropout > 0 and self.training and layer < L - 1:
+                    layer_in = nn.functional.dropout(layer_in, self.dropout, training=True)
+            return layer_in, torch.stack(h_n), torch.stack(c_n)
+
+        if wavefront.lstm_applies(self, x, h0):  # many-core CPU inference (Note [wavefront])
+            layer_in, h_n, c_n = wavefront.run_lstm(self, x, lengths, h0, c0, layer_by_layer)
+        else:
+            layer_in, h_n, c_n = layer_by_layer()
         if packed:
             sorted_out = layer_in.index_select(0, input.sorted_indices) if input.sorted_indices is not None \
                 else layer_in
