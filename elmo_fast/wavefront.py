@@ -15,8 +15,8 @@ length-0 rule), and the reverse direction runs each row backwards within its len
 which is the whole sequence's reverse order cut at the boundaries. Results are the layer-by-layer
 results up to float rounding (each chunk has its own input GEMM).
 Costs: K chunks take K + L - 1 stages, the first and last L - 1 with fewer chains; the input GEMMs are
-1/K as tall. It can only pay where a GEMM split over T threads scales worse than over T / 2 L, i.e. on
-many cores; our 2-core machines cannot show that. So "auto" considers it only with 2 or more layers and
+1/K as tall. It can only pay where a GEMM split over T threads scales worse than over the chains' teams
+of T / (chains of a stage), i.e. on many cores; our 2-core machines cannot show that. So "auto" considers it only with 2 or more layers and
 at least a thread per chain of a full stage, and then times it against the layer-by-layer path on the
 first calls of each shape class, keeping the faster; "on" always takes it where it applies, "off" never
 (ELMO_FAST_CPU_WAVEFRONT, or set_mode). It applies to CPU inference only: no autograd, no autocast,
@@ -40,7 +40,7 @@ _mode: Optional[str] = None
 _lock = threading.Lock()
 _records: Dict[tuple, dict] = {}
 
-Stacks = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Result = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # out, h_n, c_n
 
 
 def _parse(mode: str, where: str) -> str:
@@ -100,8 +100,8 @@ def _shape_key(what: str, inputs: torch.Tensor, *sizes) -> tuple:
     return (what, str(inputs.dtype), *sizes, f"B>={2 ** int(math.log2(B))}", f"T>={2 ** int(math.log2(T))}")
 
 
-def _choose(key: tuple, layers: int, chains: int, wavefront: Callable[[], Stacks],
-            layer_by_layer: Callable[[], Stacks]) -> Stacks:
+def _choose(key: tuple, layers: int, chains: int, wavefront: Callable[[], Result],
+            layer_by_layer: Callable[[], Result]) -> Result:
     """One of the two ways, as the mode and the measurements of this shape class say (the caller has
     checked that the wavefront applies)."""
     current = mode()
@@ -165,7 +165,7 @@ def pipeline(inputs: torch.Tensor, lengths: torch.Tensor, weights: Sequence[Sequ
 
 
 def run_stack(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-              chunks: int = CHUNKS) -> Stacks:
+              chunks: int = CHUNKS) -> Result:
     """ElmoLstm._run_stack by the wavefront: -> (L, B, T, 2P), h_n, c_n."""
     L, p, n = module.num_layers, module.hidden_size, module.cell_size
     stacks = (module.forward_layers, module.backward_layers)
@@ -181,7 +181,7 @@ def run_stack(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Ten
 
 
 def run(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-        layer_by_layer: Callable[[], Stacks]) -> Stacks:
+        layer_by_layer: Callable[[], Result]) -> Result:
     """ElmoLstm's stack by the wavefront or by `layer_by_layer`, as the mode and the measurements say."""
     if module.num_layers < 1 or not _applies(inputs, h0, list(module.parameters())):
         return layer_by_layer()
@@ -197,12 +197,12 @@ def lstm_applies(module, x: torch.Tensor, h0: torch.Tensor) -> bool:
 
 
 def run_lstm(module, x: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-             layer_by_layer: Callable[[], Stacks], chunks: int = CHUNKS) -> Stacks:
+             layer_by_layer: Callable[[], Result], chunks: int = CHUNKS) -> Result:
     """elmo_fast.nn.LSTM's layers (x (B, T, I) batch first; h0, c0 (L, B, .)) by the wavefront or by
     `layer_by_layer`, as the mode and the measurements say: -> last layer's out, h_n, c_n."""
     L = module.num_layers
 
-    def wavefront() -> Stacks:
+    def wavefront() -> Result:
         outs, hs, cs = pipeline(x, lengths, [[module._weights(l) for l in range(L)]], (False,),
                                 [list(h0.unbind(0))], [list(c0.unbind(0))],
                                 functional._check_clip(module.cell_clip, "cell_clip"),
