@@ -20,9 +20,10 @@ namespace {
 int64_t grain_rows(int64_t F) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(F, 1)); }
 
 // T is the storage type, A = at::opmath_type<T> the arithmetic type (float for bfloat16).
-template <typename T, typename A = at::opmath_type<T>>
+// kSave a template argument, not a runtime flag: a conditional store keeps the AVX2 clone scalar.
+template <bool kSave, typename T, typename A = at::opmath_type<T>>
 __attribute__((always_inline)) inline void forward_rows(T* proj, const T* x, T* y, int64_t r0, int64_t r1,
-                                                        int64_t F, bool save) {
+                                                        int64_t F) {
   for (int64_t r = r0; r < r1; ++r) {
     T* p = proj + r * 2 * F;
     const T* xr = x + r * F;
@@ -32,7 +33,7 @@ __attribute__((always_inline)) inline void forward_rows(T* proj, const T* x, T* 
     for (int64_t f = 0; f < F; ++f) {
       A h, g;
       yr[f] = T(highway_point_forward(A(p[f]), A(p[F + f]), A(xr[f]), &h, &g));
-      if (save) {
+      if (kSave) {
         p[f] = T(h);
         p[F + f] = T(g);
       }
@@ -78,7 +79,7 @@ __attribute__((always_inline)) inline void backward_rows(const T* dy, const T* x
 using bf16 = c10::BFloat16;
 #define EF_HIGHWAY_ROWS(ATTR, T)                                                                                  \
   ATTR void forward_rows_any(T* p, const T* x, T* y, int64_t r0, int64_t r1, int64_t F, bool save) {             \
-    forward_rows(p, x, y, r0, r1, F, save);                                                                       \
+    save ? forward_rows<true>(p, x, y, r0, r1, F) : forward_rows<false>(p, x, y, r0, r1, F);                     \
   }                                                                                                               \
   ATTR void mix_rows_any(const T* a, const T* x, T* y, int64_t r0, int64_t r1, int64_t F) {                      \
     mix_rows(a, x, y, r0, r1, F);                                                                                 \
