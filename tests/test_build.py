@@ -1,4 +1,8 @@
 """The extension's build facts and the loader's error messages."""
+import platform
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -37,6 +41,31 @@ def test_every_op_has_a_cpu_kernel():
     for op in ["highway", "highway_backward", "lstm_projection", "lstm_projection_backward", "lstm_bidirectional",
                "lstm_bidirectional_backward", "char_cnn", "char_cnn_backward"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"elmo_fast::{op}", "CPU"), op
+
+
+POINTWISE_LOOPS = ("forward_rows_dispatch", "backward_rows_dispatch", "forward_rows_any", "backward_rows_any",
+                   "mix_rows_any")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not (shutil.which("nm") and shutil.which("objdump")),
+                    reason="needs x86-64 and binutils")
+def test_pointwise_loops_are_vectorized_in_their_avx2_clones():
+    """Note [CPU multiversioning]: the LSTM and highway pointwise loops must use 256-bit vectors in their
+    AVX2 (x86-64-v3) clones. Without -fno-trapping-math gcc left them scalar, and on AVX2 machines the
+    LSTM's pointwise pass took 6x longer; nothing else would notice."""
+    lib = elmo_fast._C.__file__
+    symbols = subprocess.run(["nm", lib], capture_output=True, text=True, check=True).stdout.split()
+    clones = [s for s in symbols if s.endswith(".arch_x86_64_v3") and any(n in s for n in POINTWISE_LOOPS)]
+    if not clones:
+        pytest.skip("built without target_clones (not gcc, or ELMO_FAST_NO_MULTIVERSION)")
+    assert len(clones) >= 10, clones  # LSTM forward/backward and highway forward/mix/backward, float and bf16
+    scalar = []
+    for symbol in clones:
+        code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--disassemble={symbol}", lib],
+                              capture_output=True, text=True, check=True).stdout
+        if "ymm" not in code:
+            scalar.append(symbol)
+    assert not scalar, f"AVX2 clones without a single 256-bit instruction: {scalar}"
 
 
 def test_torch_version_mismatch_is_a_clear_error(monkeypatch):
