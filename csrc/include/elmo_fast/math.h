@@ -15,10 +15,9 @@ namespace elmo_fast {
 // pointwise loops. This is Cephes' expf (range reduction by ln 2, degree-6 polynomial, exponent
 // built from bits): branch-free, within 2 ulp of expf on [-87.3, 88.3], and gcc vectorizes it.
 // Inputs are clamped to that range, where 2^n stays a normal float; callers only use it inside
-// sigmoid/tanh, whose results saturate long before the clamp matters. always_inline like EF_HD: a plain
-// inline function is not inlined into the arch=x86-64-v3/v4 loop clones (gcc 12 refuses to inline
-// across an -march difference, and its growth limits bite in the big float clones), and a call per
-// element keeps the loop scalar (measured: the float LSTM pointwise 6x slower on a Zen 2).
+// sigmoid/tanh, whose results saturate long before the clamp matters. always_inline like EF_HD: as a
+// plain inline function gcc 12 left calls to it in some of the big float loop clones (-fopt-info-vec:
+// "statement clobbers memory"), and a call per element keeps a loop scalar.
 inline __attribute__((always_inline)) float exp_host_float(float x) {
   // Ternaries, not fmaxf/fminf: their NaN rules keep gcc from vectorizing them (maxps/minps are these).
   x = x < -87.3f ? -87.3f : x;
