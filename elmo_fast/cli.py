@@ -16,6 +16,13 @@ def _info(args: argparse.Namespace) -> int:
     info["cuda_available"] = torch.cuda.is_available()
     info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     info["threads"] = torch.get_num_threads()
+    # The run-time switches in force (environment variables or their defaults): what will run here.
+    from elmo_fast import wavefront
+
+    ops = torch.ops.elmo_fast
+    info["cpu"] = {"gemm": json.loads(ops._cpu_gemm_info())["mode"],
+                   "directions": json.loads(ops._cpu_directions_info())["mode"], "wavefront": wavefront.mode()}
+    info["cuda_kernels"] = {family: k["mode"] for family, k in elmo_fast.kernel_info().items()}
     print(json.dumps(info, indent=2))
     return 0
 

@@ -32,6 +32,8 @@ def test_cli_info(capsys):
     assert cli.main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert "torch" in info and "cuda_available" in info
+    assert set(info["cpu"]) == {"gemm", "directions", "wavefront"} and info["cpu"]["wavefront"] in ("auto", "on", "off")
+    assert set(info["cuda_kernels"]) == {"char_cnn", "cuda_directions", "cuda_graphs", "lstm"}
 
 
 def test_cli_bench_shape_option(tmp_path, capsys):
