@@ -161,11 +161,12 @@ def test_thread_teams_refuse_more_teams_than_threads():
         torch.ops.elmo_fast._cpu_teams_probe(2, 3)
 
 
-def test_concurrent_error_in_helper_propagates(directions_mode):
-    """The reverse direction runs on a helper thread: its exception reaches the caller, and the helper
-    takes the next call."""
+@pytest.mark.parametrize("threads", [2, 4])
+def test_concurrent_error_in_the_reverse_direction_propagates(threads, directions_mode):
+    """The reverse direction runs on the caller's second OpenMP thread (2 threads: teams of one) or on a
+    helper thread (4: teams of two): its exception reaches the caller, and the next call runs."""
     directions_mode("concurrent")
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     a = _good()
     cols = [[a["weights"][0][k], a["weights"][1][k]] for k in range(4)]
     bad_w_hh = [cols[1][0], torch.zeros(20, 4, dtype=torch.float64)]
