@@ -360,8 +360,7 @@ class ElmoLstm(nn.Module):
         """Note [CUDA graphs] (elmo_fast/cuda_graphs.py): inference on CUDA, when asked for."""
         if inputs.device.type != "cuda" or inputs.shape[0] == 0 or torch.compiler.is_compiling():
             return False
-        if torch.is_grad_enabled() and (inputs.requires_grad or h0.requires_grad or
-                                        any(p.requires_grad for p in self.parameters())):
+        if functional._needs_grad(inputs, h0, *self.parameters()):
             return False
         return cuda_graphs.enabled()
 

@@ -87,15 +87,15 @@ def _decision(rec: dict) -> Optional[str]:
     return "wavefront" if rec["best"][1] < rec["best"][0] else "layers"
 
 
-def _applies(inputs: torch.Tensor, h0: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+def _applies(inputs: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
     if inputs.device.type != "cpu" or inputs.shape[0] == 0 or inputs.shape[1] < 2:
         return False
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    if any(p.dtype != inputs.dtype or p.device.type != "cpu" for p in params) or h0.dtype != inputs.dtype:
+    others = [h0, c0, *params]
+    if any(t.dtype != inputs.dtype or t.device.type != "cpu" for t in others):
         return False  # the layer-by-layer path raises its clear errors (or casts)
-    return not (torch.is_grad_enabled() and (inputs.requires_grad or h0.requires_grad or
-                                             any(p.requires_grad for p in params)))
+    return not functional._needs_grad(inputs, *others)  # _lstm_chains has no autograd formula
 
 
 def _shape_key(what: str, inputs: torch.Tensor, *sizes) -> tuple:
@@ -186,17 +186,17 @@ def run_stack(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Ten
 def run(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
         layer_by_layer: Callable[[], Result]) -> Result:
     """ElmoLstm's stack by the wavefront or by `layer_by_layer`, as the mode and the measurements say."""
-    if module.num_layers < 1 or not _applies(inputs, h0, list(module.parameters())):
+    if module.num_layers < 1 or not _applies(inputs, h0, c0, list(module.parameters())):
         return layer_by_layer()
     key = _shape_key("ElmoLstm", inputs, module.input_size, module.hidden_size, module.cell_size, module.num_layers)
     return _choose(key, module.num_layers, 2 * module.num_layers,
                    lambda: run_stack(module, inputs, lengths, h0, c0), layer_by_layer)
 
 
-def lstm_applies(module, x: torch.Tensor, h0: torch.Tensor) -> bool:
+def lstm_applies(module, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor) -> bool:
     """Whether elmo_fast.nn.LSTM may take run_lstm: one direction, several layers, no dropout between them."""
     return (not module.bidirectional and module.num_layers >= 2 and not (module.dropout > 0 and module.training)
-            and _applies(x, h0, list(module.parameters())))
+            and _applies(x, h0, c0, list(module.parameters())))
 
 
 def run_lstm(module, x: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,

@@ -168,6 +168,24 @@ def test_nn_lstm_wavefront_matches_torch(num_layers, proj_size, batch_first, pac
         assert_close_verbose(g, w, **TOL[torch.float64])
 
 
+def test_nn_lstm_gradient_of_c0_alone_steps_layer_by_layer(wavefront_mode, monkeypatch):
+    """Only the initial cell state wants a gradient: still no wavefront (no autograd formula), and c0's
+    gradient is torch.nn.LSTM's."""
+    wavefront_mode("on")
+    torch.manual_seed(2)
+    ref = torch.nn.LSTM(4, 6, num_layers=2).double()
+    ours = elmo_fast.nn.LSTM(4, 6, num_layers=2).double()
+    ours.load_state_dict(ref.state_dict())
+    ours.requires_grad_(False)
+    monkeypatch.setattr(wavefront, "pipeline", lambda *a, **k: pytest.fail("took the wavefront"))
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    h0 = torch.randn(2, 3, 6, dtype=torch.float64)
+    c0 = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    got = torch.autograd.grad(ours(x, (h0, c0))[0].sum(), c0)[0]
+    want = torch.autograd.grad(ref(x, (h0, c0))[0].sum(), c0)[0]
+    assert_close_verbose(got, want, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("how", ["bidirectional", "one layer", "dropout while training", "gradients"])
 def test_nn_lstm_without_a_pipeline_steps_layer_by_layer(how, wavefront_mode, monkeypatch):
     wavefront_mode("on")

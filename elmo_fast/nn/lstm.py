@@ -121,7 +121,7 @@ class LSTM(nn.Module):
                     layer_in = nn.functional.dropout(layer_in, self.dropout, training=True)
             return layer_in, torch.stack(h_n), torch.stack(c_n)
 
-        if wavefront.lstm_applies(self, x, h0):  # many-core CPU inference (Note [wavefront])
+        if wavefront.lstm_applies(self, x, h0, c0):  # many-core CPU inference (Note [wavefront])
             layer_in, h_n, c_n = wavefront.run_lstm(self, x, lengths, h0, c0, layer_by_layer)
         else:
             layer_in, h_n, c_n = layer_by_layer()
