@@ -186,7 +186,7 @@ def run_stack(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Ten
 def run(module, inputs: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
         layer_by_layer: Callable[[], Result]) -> Result:
     """ElmoLstm's stack by the wavefront or by `layer_by_layer`, as the mode and the measurements say."""
-    if module.num_layers < 1 or not _applies(inputs, h0, c0, list(module.parameters())):
+    if not _applies(inputs, h0, c0, list(module.parameters())):
         return layer_by_layer()
     key = _shape_key("ElmoLstm", inputs, module.input_size, module.hidden_size, module.cell_size, module.num_layers)
     return _choose(key, module.num_layers, 2 * module.num_layers,
