@@ -8,6 +8,7 @@ import glob
 import os
 import sys
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -16,6 +17,16 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # settle it before torch.utils.cpp_extension computes it at import.
 if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+# Without build isolation the installed setuptools reads pyproject.toml, and before 77 it rejects the
+# SPDX string form of project.license with a schema dump that does not say what to do.
+with open(os.path.join(ROOT, "pyproject.toml")) as f:
+    spdx_license = any(line.startswith('license = "') for line in f)
+if spdx_license and int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(
+        f"elmo_fast: setuptools {setuptools.__version__} is too old to read pyproject.toml's license field "
+        "(PEP 639 needs setuptools >= 77):\n    pip install 'setuptools>=77' wheel"
+    )
 
 try:
     import torch

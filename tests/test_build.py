@@ -1,7 +1,9 @@
 """The extension's build facts and the loader's error messages."""
+import os
 import platform
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +46,7 @@ def test_every_op_has_a_cpu_kernel():
 
 
 POINTWISE_LOOPS = ("forward_rows_dispatch", "backward_rows_dispatch", "forward_rows_any", "backward_rows_any",
-                   "mix_rows_any")
+                   "mix_rows_any", "token_max_any")
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or not (shutil.which("nm") and shutil.which("objdump")),
@@ -66,6 +68,25 @@ def test_pointwise_loops_are_vectorized_in_their_avx2_clones():
         if "ymm" not in code:
             scalar.append(symbol)
     assert not scalar, f"AVX2 clones without a single 256-bit instruction: {scalar}"
+
+
+def nvcc_path():
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    path = os.path.join(home, "bin", "nvcc")
+    return path if os.path.exists(path) else None
+
+
+@pytest.mark.skipif(not elmo_fast.build_info()["cuda"] or nvcc_path() is None, reason="needs a CUDA build and nvcc")
+@pytest.mark.parametrize("source", ["char_cnn_tc.cu", "lstm_persistent.cu"])
+def test_tensor_core_kernels_build_for_archs_below_sm80(tmp_path, source):
+    """A pre-Ampere arch in TORCH_CUDA_ARCH_LIST (a T4's 7.5) must still build: bf16 WMMA does not exist
+    there, so the kernel bodies are left out (ELMO_FAST_TENSOR_CORE_ARCH) and the glue never launches them."""
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    result = subprocess.run([nvcc_path(), "-std=c++17", "-arch=sm_75", f"-I{csrc}", f"-I{csrc / 'include'}", "-c",
+                             str(csrc / "cuda" / source), "-o", str(tmp_path / "kernel.o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr, result.stderr
 
 
 def test_torch_version_mismatch_is_a_clear_error(monkeypatch):

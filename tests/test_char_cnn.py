@@ -165,6 +165,47 @@ def test_char_cnn_ties_between_repeated_chars():
     compare(ids, emb, weights, biases, "relu")
 
 
+def nan_case(g, n, c=50):
+    """Ids where char 258 (unused by make_ids) sits inside a word of token 2, past the first windows
+    (so that an earlier, finite window is the running max when it comes), and is the trailing run
+    of token 10 (the constant window); embedding[258] is made NaN by the caller."""
+    ids = make_ids(g, n, c)
+    for row, word in [(2, 12), (10, 11)]:
+        ids[row] = PAD
+        ids[row, 0] = BOW
+        ids[row, 1:1 + word] = torch.randint(1, 257, (word,), generator=g)
+        ids[row, 1 + word] = EOW
+    ids[2, 9] = 258
+    ids[10, 12:] = 258
+    return ids, [2, 10]
+
+
+def assert_nan_rows(out, ref, nan_rows):
+    """torch.max and torch.relu let a NaN through: the rows that see it are NaN in every filter, the
+    others equal the reference."""
+    nan = torch.isnan(out)
+    assert torch.equal(nan, torch.isnan(ref))
+    assert nan[nan_rows].all()
+    keep = [i for i in range(out.shape[0]) if i not in nan_rows]
+    assert not nan[keep].any()
+    return keep
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_char_cnn_propagates_nan(device, activation):
+    g = torch.Generator().manual_seed(11)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    emb, weights, biases = make_params(g, 16, SMALL, dtype, device)
+    emb[258] = float("nan")
+    ids, nan_rows = nan_case(g, 24)
+    ids = ids.to(device)
+    out = F.char_cnn(ids, emb, weights, biases, activation)
+    ref = R.char_cnn(ids, emb, weights, biases, activation)
+    keep = assert_nan_rows(out, ref, nan_rows)
+    assert_close_verbose(out[keep], ref[keep], **TOL[dtype])
+
+
 def test_char_cnn_noncontiguous_inputs():
     g = torch.Generator().manual_seed(7)
     ids = make_ids(g, 30, 50)

@@ -16,7 +16,7 @@ import torch
 import elmo_fast
 import elmo_fast.functional as F
 import elmo_fast.reference as R
-from test_char_cnn import PUBLISHED, SMALL, make_ids, make_params
+from test_char_cnn import PUBLISHED, SMALL, assert_nan_rows, make_ids, make_params, nan_case
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 # (C, d, filters) of the emulation and CUDA cases.
@@ -206,6 +206,19 @@ def test_cuda_low_precision_kernels(kernel, dtype, case):
     assert torch.isfinite(chosen).all(), "a window outside 0..C-w"
     best = conv.max(2).values
     assert ((best - chosen) <= 1e-2 * best.abs().clamp(min=1)).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("kernel", ["simt", "tensor_core"], indirect=True)
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_cuda_low_precision_kernels_propagate_nan(kernel, activation):
+    g = torch.Generator().manual_seed(12)
+    emb, weights, biases = make_params(g, 16, PUBLISHED, torch.bfloat16, "cuda", scale=0.1)
+    emb[258] = float("nan")
+    ids, nan_rows = nan_case(g, 40)
+    ids = ids.cuda()
+    out = F.char_cnn(ids, emb, weights, biases, activation)
+    assert_nan_rows(out, R.char_cnn(ids, emb, weights, biases, activation), nan_rows)
 
 
 @needs_cuda

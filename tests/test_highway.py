@@ -96,6 +96,20 @@ def test_highway_backward_without_saved_activations_is_an_error():
         torch.ops.elmo_fast.highway_backward(torch.ones_like(y), x, acts, ws)
 
 
+def test_highway_backward_checks_saved_activations_and_weights():
+    x, ws, bs = make_case(3, 4, 2, torch.float64, "cpu", torch.Generator().manual_seed(0), requires_grad=False)
+    y, acts = torch.ops.elmo_fast.highway(x, ws, bs, True)
+    dy = torch.ones_like(y)
+    with pytest.raises(RuntimeError, match="activations.*dtype"):
+        torch.ops.elmo_fast.highway_backward(dy, x, acts.float(), ws)
+    with pytest.raises(RuntimeError, match="activations.*shape"):
+        torch.ops.elmo_fast.highway_backward(dy, x, acts[:1], ws)
+    with pytest.raises(RuntimeError, match="weight.*dtype"):
+        torch.ops.elmo_fast.highway_backward(dy, x, acts, [ws[0], ws[1].float()])
+    with pytest.raises(RuntimeError, match="weight.*shape"):
+        torch.ops.elmo_fast.highway_backward(dy, x, acts, [ws[0], ws[1][:, :2]])
+
+
 def test_highway_no_grad_matches_grad_mode():
     x, ws, bs = make_case(9, 8, 2, torch.float64, "cpu", torch.Generator().manual_seed(3))
     with torch.no_grad():

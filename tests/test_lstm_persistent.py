@@ -300,6 +300,22 @@ def test_persistent_cuda_two_launches(lstm_kernel):
 
 
 @needs_cuda
+@pytest.mark.parametrize("n,P", [(0, None), (4, 0), (0, 3)])
+def test_persistent_cuda_zero_width_steps(lstm_kernel, n, P):
+    """No cells or no projection outputs: persistent, forced, hands the call to stepwise instead of
+    building a layout from a zero size."""
+    t, lens = make_case(torch.Generator().manual_seed(37), 3, 4, 8, n, P, [4, 2, 0], device="cuda",
+                        requires_grad=False)
+    low = detached(t, torch.bfloat16)
+    lstm_kernel("stepwise")
+    stepwise = run(F.lstm_projection, low, lens, 3.0, 3.0, False)
+    lstm_kernel("persistent")
+    got = run(F.lstm_projection, low, lens, 3.0, 3.0, False)
+    for a, b in zip(got, stepwise):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
 def test_persistent_cuda_graph_capture(lstm_kernel):
     gen = torch.Generator().manual_seed(34)
     t, lens = make_case(gen, 8, 6, 16, 64, 32, [6, 6, 5, 4, 4, 2, 1, 0], device="cuda", requires_grad=False)

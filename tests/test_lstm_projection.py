@@ -27,7 +27,7 @@ def make_case(gen, B, T, I, n, P, lengths, *, dtype=torch.float64, device="cpu",
               scale=1.0, requires_grad=True):
     """Random inputs in float64 cast to dtype/device. P=None: no projection (P = n)."""
     p = n if P is None else P
-    r = lambda *s, fan=1: torch.randn(*s, generator=gen, dtype=torch.float64) * (scale / fan**0.5)  # noqa: E731
+    r = lambda *s, fan=1: torch.randn(*s, generator=gen, dtype=torch.float64) * (scale / max(fan, 1)**0.5)  # noqa: E731
     tensors = dict(
         x=r(B, T, I), w_ih=r(4 * n, I, fan=I), w_hh=r(4 * n, p, fan=p), bias=r(4 * n) if bias else None,
         w_proj=r(p, n, fan=n) if P is not None else None,
@@ -128,6 +128,24 @@ def test_lstm_projection_empty(B, T, lengths):
     grads = torch.autograd.grad((out.sum() + h_n.sum() + c_n.sum()), [t[k] for k in ORDER])
     assert torch.equal(grads[0], torch.zeros_like(t["x"])) and torch.equal(grads[5], torch.ones_like(t["h0"]))
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:5])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,P", [(0, None), (4, 0), (0, 3), (0, 0)])
+def test_lstm_projection_zero_width(device, n, P):
+    """No cells, or a projection to nothing: empty outputs and states, and the reference's gradients
+    (the kernels' layouts must not divide by these sizes)."""
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    t, lens = make_case(torch.Generator().manual_seed(8), 3, 4, 5, n, P, [4, 2, 0], dtype=dtype, device=device)
+    got = run(F.lstm_projection, t, lens, 1.0, 1.0, True)
+    want = run(R.lstm_projection, t, lens, 1.0, 1.0, True)
+    inputs = [t[k] for k in ORDER if t[k] is not None]
+    got_grads = torch.autograd.grad(sum(o.sum() for o in got), inputs, allow_unused=True, materialize_grads=True)
+    want_grads = torch.autograd.grad(sum(o.sum() for o in want), inputs, allow_unused=True, materialize_grads=True)
+    for name, g, w in zip(["out", "h_n", "c_n"] + [k for k in ORDER if t[k] is not None], [*got, *got_grads],
+                          [*want, *want_grads]):
+        assert g.shape == w.shape, name
+        assert_close_verbose(g, w, name, **TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -66,7 +66,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> highway
               "highway_backward: the forward did not save activations (save_activations=False)");
   check_shape(grad_out, {N, F}, "highway_backward: grad_out");
   check_same_device_dtype(grad_out, x_in, "highway_backward: grad_out");
-  if (activations.numel() > 0) check_shape(activations, {layers, N, 2 * F}, "highway_backward: activations");
+  if (activations.numel() > 0) {
+    check_shape(activations, {layers, N, 2 * F}, "highway_backward: activations");
+    check_same_device_dtype(activations, x_in, "highway_backward: activations");
+  }
+  for (int64_t l = 0; l < layers; ++l) {
+    check_shape(weight[l], {2 * F, F}, "highway_backward: weight");
+    check_same_device_dtype(weight[l], x_in, "highway_backward: weight");
+  }
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dy = grad_out.contiguous();
   std::vector<at::Tensor> grad_weight(layers), grad_bias(layers);

@@ -50,10 +50,9 @@ __attribute__((always_inline)) inline void token_max(const Y* y, const T* consta
       }
       for (int64_t t = 1; t < live; ++t) {
         const Y* yt = y + t * F;
-        // Strict '>' keeps the first maximal window, as torch's max does.
         for (int64_t f = f0; f < f1; ++f) {
           const T v = T(yt[f]);
-          const bool better = v > out[f];
+          const bool better = char_cnn_beats(v, out[f]);
           out[f] = better ? v : out[f];
           win[f] = better ? static_cast<int16_t>(t) : win[f];
         }
@@ -61,7 +60,7 @@ __attribute__((always_inline)) inline void token_max(const Y* y, const T* consta
     }
     if (char_cnn_has_constant_window(L, C, w)) {
       for (int64_t f = f0; f < f1; ++f) {
-        const bool better = live == 0 || constant[f] > out[f];
+        const bool better = live == 0 || char_cnn_beats(constant[f], out[f]);
         out[f] = better ? constant[f] : out[f];
         win[f] = better ? static_cast<int16_t>(L) : win[f];
       }

@@ -35,11 +35,13 @@ template <typename T>
 __global__ void char_cnn_forward_kernel(const int64_t* ids, const T* emb, const T* packed_t, const T* bias, T* out,
                                         int16_t* windows, int64_t N, int64_t C, int64_t V, int64_t d, int64_t F,
                                         CharCnnGroups groups, bool use_tanh) {
-  extern __shared__ int64_t s_ids[];                           // (C,) ids, then (C, d) embedded chars:
-  float* s_emb = reinterpret_cast<float*>(s_ids + C);           // ids first keeps both aligned
-  __shared__ int64_t s_live;
+  // One dynamic buffer holds everything (char_cnn_shared_bytes), so the glue's limit check sees every
+  // byte: (C,) ids, the live length, then (C, d) embedded chars; the int64s first keep both aligned.
+  extern __shared__ int64_t s_ids[];
+  int64_t* s_live = s_ids + C;
+  float* s_emb = reinterpret_cast<float*>(s_ids + C + 1);
   for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
-    const int64_t L = stage_token(ids, emb, s_emb, s_ids, &s_live, n, C, V, d);
+    const int64_t L = stage_token(ids, emb, s_emb, s_ids, s_live, n, C, V, d);
     const float* s_trail = s_emb + (C - 1) * d;  // embedding[p], p = the trailing id
     for (int64_t f = threadIdx.x; f < F; f += blockDim.x) {
       const int64_t w = groups.w[char_cnn_group_of(groups, f)];
@@ -63,7 +65,7 @@ __global__ void char_cnn_forward_kernel(const int64_t* ids, const T* emb, const 
         }
 #pragma unroll
         for (int u = 0; u < kWindows; ++u) {
-          if (u < count && (t0 + u == 0 || acc[u] > best)) {  // strict: the first maximal window wins
+          if (u < count && (t0 + u == 0 || char_cnn_beats(acc[u], best))) {
             best = acc[u];
             best_t = t0 + u;
           }
@@ -72,7 +74,7 @@ __global__ void char_cnn_forward_kernel(const int64_t* ids, const T* emb, const 
       if (char_cnn_has_constant_window(L, C, w)) {
         float acc = 0.f;
         for (int64_t j = 0; j < w * d; ++j) acc += s_trail[j % d] * to_float(packed_t[j * F + f]);
-        if (live == 0 || acc > best) {
+        if (live == 0 || char_cnn_beats(acc, best)) {
           best = acc;
           best_t = L;
         }

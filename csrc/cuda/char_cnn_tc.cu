@@ -26,6 +26,7 @@ __global__ void __launch_bounds__(kCharCnnTcWarps * 32)
     char_cnn_tc_forward_kernel(const int64_t* ids, const T* emb_p, const T* packed_p, const T* bias, T* out,
                                int16_t* windows, int64_t N, int C, int64_t V, int F, int dp, int Fp, int ksteps,
                                int slot, int w_min, CharCnnGroups groups, bool use_tanh) {
+#if ELMO_FAST_TENSOR_CORE_ARCH
   extern __shared__ __align__(128) unsigned char smem[];
   T* s_emb = reinterpret_cast<T*>(smem);  // (kCharCnnTcTokens, slot, dp)
   float* s_acc = reinterpret_cast<float*>(smem + sizeof(T) * kCharCnnTcTokens * slot * dp);  // (warps, 16, 16)
@@ -88,7 +89,7 @@ __global__ void __launch_bounds__(kCharCnnTcWarps * 32)
         for (int r = part * 8; r < part * 8 + 8; ++r) {
           const int t = t0 + r;
           const float v = acc_s[r * 16 + col];
-          if (t <= last && v > best) {  // ascending t, strict: the first maximal window wins
+          if (t <= last && char_cnn_beats(v, best)) {  // ascending t: the first maximal window wins
             best = v;
             best_t = t;
           }
@@ -97,7 +98,7 @@ __global__ void __launch_bounds__(kCharCnnTcWarps * 32)
       }
       const float other = __shfl_xor_sync(0xffffffffu, best, 16);
       const int other_t = __shfl_xor_sync(0xffffffffu, best_t, 16);
-      if (other > best || (other == best && other_t < best_t)) {
+      if (char_cnn_beats_merge(other, other_t, best, best_t)) {
         best = other;
         best_t = other_t;
       }
@@ -108,6 +109,9 @@ __global__ void __launch_bounds__(kCharCnnTcWarps * 32)
       }
     }
   }
+#else
+  __trap();
+#endif
 }
 
 }  // namespace

@@ -3,6 +3,8 @@
 // W_proj in shared memory throughout and the blocks step together through grid-wide barriers. The
 // per-cell math is lstm_math.h's, shared with the CPU and the stepwise kernels.
 #include <cstdint>
+#include <mutex>
+#include <set>
 
 #include <cooperative_groups.h>
 #include <mma.h>
@@ -20,7 +22,9 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+[[maybe_unused]] __device__ __forceinline__ bool aligned16(const void* p) {  // unused below sm_80
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
 
 // Stages a zero-padded tile: dst[r * ld + k] = row_ptr(r)[k] for k < valid where row_ptr(r) is not
 // null, else 0, over rows r < rows and columns k < width (a multiple of 16). vec: valid is a
@@ -55,6 +59,7 @@ __device__ void stage_rows(T* dst, int ld, int rows, int width, int valid, bool 
 template <typename T>
 __global__ void __launch_bounds__(kLstmPtThreads, 1)
     lstm_persistent_kernel(const LstmPersistentArgs<T> a, const LstmPersistentLayout l) {
+#if ELMO_FAST_TENSOR_CORE_ARCH
   namespace cg = cooperative_groups;
   cg::grid_group grid = cg::this_grid();
   extern __shared__ __align__(128) unsigned char smem[];
@@ -202,12 +207,33 @@ __global__ void __launch_bounds__(kLstmPtThreads, 1)
     }
     grid.sync();
   }
+#else
+  __trap();
+#endif
 }
 
+// The dynamic shared-memory limit belongs to the kernel (per device), not to a launch: were it set to
+// each call's size, a thread launching a smaller layout could lower it between another thread's set and
+// launch. So it is raised once per device to the device's opt-in maximum, which the layouts never exceed
+// (persistent_obstacle checks), and never lowered.
 template <typename T>
 cudaError_t allow_shared(size_t shared_bytes) {
-  return cudaFuncSetAttribute(lstm_persistent_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(shared_bytes));
+  static std::mutex mutex;
+  static std::set<int> raised;
+  int device = 0, max_optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  if (shared_bytes > static_cast<size_t>(max_optin)) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (raised.count(device) != 0) return cudaSuccess;
+  cudaFuncAttributes attributes{};
+  err = cudaFuncGetAttributes(&attributes, lstm_persistent_kernel<T>);
+  if (err != cudaSuccess) return err;
+  const int dynamic_max = max_optin - static_cast<int>(attributes.sharedSizeBytes);  // static + dynamic <= opt-in
+  err = cudaFuncSetAttribute(lstm_persistent_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_max);
+  if (err == cudaSuccess) raised.insert(device);
+  return err;
 }
 
 }  // namespace

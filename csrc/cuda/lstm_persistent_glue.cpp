@@ -53,6 +53,8 @@ std::string persistent_obstacle(const LstmSteps& st, LstmPersistentLayout* layou
 }  // namespace
 
 bool run_persistent_steps(const LstmSteps& st) {
+  // No cells or no recurrent inputs: nothing to keep on chip, and the layout (n, P >= 1) is undefined.
+  if (st.c_state.size(1) == 0 || st.hbuf.size(1) == 0) return false;
   LstmPersistentLayout layout;
   if (!kernels::take(kernels::Family::kLstm, "persistent", "lstm_projection",
                      [&] { return persistent_obstacle(st, &layout); })) {

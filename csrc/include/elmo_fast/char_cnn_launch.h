@@ -32,8 +32,11 @@ EF_HD int char_cnn_group_of(const CharCnnGroups& groups, int64_t f) {
   return gi;
 }
 
-// Dynamic shared memory the forward and embedding-gradient kernels need per block.
-inline size_t char_cnn_shared_bytes(int64_t C, int64_t d) { return size_t(C) * d * sizeof(float) + C * 8; }
+// Dynamic shared memory the forward kernel needs per block, all of it: (C,) ids, the live length and the
+// (C, d) embedded chars. The embedding-gradient kernel needs less (its (C, d) sums).
+inline size_t char_cnn_shared_bytes(int64_t C, int64_t d) {
+  return size_t(C) * d * sizeof(float) + size_t(C + 1) * sizeof(int64_t);
+}
 
 // Out-of-range ids are clamped to 0..V-1 (no read out of bounds); functional.py reports them first.
 template <typename T>

@@ -59,10 +59,25 @@ EF_HD bool char_cnn_has_constant_window(int64_t L, int64_t C, int64_t w) { retur
 EF_HD float char_cnn_tanh(float x) { return tanhf(x); }
 EF_HD double char_cnn_tanh(double x) { return tanh(x); }
 
-// act(v), act = relu (use_tanh false) or tanh; applied after the max (spec §4.2 step 2).
+// Whether window value v replaces the running max m of earlier windows, as torch.max decides: a larger
+// value, or the first NaN (NaN propagates). Strict, so that the first maximal window wins.
+template <typename T>
+EF_HD bool char_cnn_beats(T v, T m) {
+  return v > m || (v != v && m == m);
+}
+
+// Whether candidate (v, tv) replaces (m, tm) when two partial maxima over disjoint windows merge.
+template <typename T>
+EF_HD bool char_cnn_beats_merge(T v, int tv, T m, int tm) {
+  const bool same = v == m || (v != v && m != m);
+  return char_cnn_beats(v, m) || (same && tv < tm);
+}
+
+// act(v), act = relu (use_tanh false) or tanh; applied after the max (spec §4.2 step 2). relu keeps a
+// NaN, as torch.relu does.
 template <typename T>
 EF_HD T char_cnn_activate(T v, bool use_tanh) {
-  return use_tanh ? char_cnn_tanh(v) : (v > T(0) ? v : T(0));
+  return use_tanh ? char_cnn_tanh(v) : (v < T(0) ? T(0) : v);
 }
 
 // d act / d v expressed through y = act(v): relu'(v) = (y > 0) (relu'(0) = 0, as torch), tanh' = 1 - y^2.

@@ -6,6 +6,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+// The tensor-core kernels use bf16 WMMA, which needs sm_80. For an older arch in TORCH_CUDA_ARCH_LIST
+// their device bodies are left out (a trap), so the build still works; the glue never launches them
+// there (tensor_core_obstacle checks the device's compute capability).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define ELMO_FAST_TENSOR_CORE_ARCH 1
+#else
+#define ELMO_FAST_TENSOR_CORE_ARCH 0
+#endif
+
 namespace elmo_fast {
 namespace cuda {
 

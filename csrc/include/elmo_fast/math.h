@@ -58,9 +58,10 @@ EF_HD T ef_sigmoid(T x) {
 EF_HD float ef_tanh(float x) { return 2.0f * ef_sigmoid(2.0f * x) - 1.0f; }
 EF_HD double ef_tanh(double x) { return tanh(x); }
 
+// A NaN passes through, as in torch.relu: a diverged input stays visible downstream.
 template <typename T>
 EF_HD T ef_relu(T x) {
-  return x > T(0) ? x : T(0);
+  return x < T(0) ? T(0) : x;
 }
 
 // Clip to [-limit, limit]; limit <= 0 means "no clip" (the spec's None / 0).
