@@ -91,7 +91,8 @@ inline LstmPersistentLayout lstm_persistent_layout(int64_t n, int64_t P, bool ha
 // shared memory per block and room for `resident` co-resident blocks (the cooperative launch's
 // limit, from the occupancy calculator).
 inline bool lstm_persistent_fits(const LstmPersistentLayout& l, int64_t sms, size_t max_shared, int64_t resident) {
-  return l.units <= kLstmPtMaxUnits && l.blocks >= 1 && l.blocks <= sms && l.blocks <= resident && l.shared_bytes <= max_shared &&
+  return l.units <= kLstmPtMaxUnits && l.blocks >= 1 && l.blocks <= sms && l.blocks <= resident &&
+         l.shared_bytes <= max_shared &&
          (l.col_groups == 0 || l.unit_groups * l.col_groups <= l.blocks);
 }
 
