@@ -16,10 +16,10 @@ which is the whole sequence's reverse order cut at the boundaries. Results are t
 results up to float rounding (each chunk has its own input GEMM).
 Costs: K chunks take K + L - 1 stages, the first and last L - 1 with fewer chains; the input GEMMs are
 1/K as tall. It can only pay where a GEMM split over T threads scales worse than over the chains' teams
-of T / (chains of a stage), i.e. on many cores; our 2-core machines cannot show that. So "auto" considers it only with 2 or more layers and
-at least a thread per chain of a full stage, and then times it against the layer-by-layer path on the
-first calls of each shape class, keeping the faster; "on" always takes it where it applies, "off" never
-(ELMO_FAST_CPU_WAVEFRONT, or set_mode). It applies to CPU inference only: no autograd, no autocast,
+of T / (chains of a stage), i.e. on many cores; our 2-core machines cannot show that. So "auto"
+considers it only with 2 or more layers and at least a thread per chain of a full stage, and then
+times it against the layer-by-layer path on the first calls of each shape class, keeping the faster;
+"on" always takes it where it applies, "off" never (ELMO_FAST_CPU_WAVEFRONT, or set_mode). It applies to CPU inference only: no autograd, no autocast,
 no dropout, inputs and parameters of one dtype, not under torch.compile.
 """
 import math

@@ -52,8 +52,8 @@ POINTWISE_LOOPS = ("forward_rows_dispatch", "backward_rows_dispatch", "forward_r
 @pytest.mark.skipif(platform.machine() != "x86_64" or not (shutil.which("nm") and shutil.which("objdump")),
                     reason="needs x86-64 and binutils")
 def test_pointwise_loops_are_vectorized_in_their_avx2_clones():
-    """Note [CPU multiversioning]: the LSTM and highway pointwise loops must use 256-bit vectors in their
-    AVX2 (x86-64-v3) clones. Without -fno-trapping-math gcc left them scalar, and on AVX2 machines the
+    """Note [CPU multiversioning]: the LSTM and highway pointwise loops and the char-CNN's max must use
+    256-bit vectors in their AVX2 (x86-64-v3) clones. Without -fno-trapping-math gcc left them scalar, and on AVX2 machines the
     LSTM's pointwise pass took 6x longer; nothing else would notice."""
     lib = elmo_fast._C.__file__
     symbols = subprocess.run(["nm", lib], capture_output=True, text=True, check=True).stdout.split()

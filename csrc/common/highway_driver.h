@@ -18,15 +18,22 @@
 
 namespace elmo_fast {
 
+// Every weight[k] is (2F, F) with x's (N, F) device and dtype; `name` says which op checks.
+inline void check_highway_weights(const at::Tensor& x, at::TensorList weight, const char* name) {
+  const int64_t F = x.size(1);
+  for (const at::Tensor& w : weight) {
+    check_shape(w, {2 * F, F}, name);
+    check_same_device_dtype(w, x, name);
+  }
+}
+
 inline void check_highway_args(const at::Tensor& x, at::TensorList weight, at::TensorList bias) {
   TORCH_CHECK(x.dim() == 2, "highway: x must be 2-D (N, F), got shape ", x.sizes());
   TORCH_CHECK(weight.size() == bias.size(), "highway: got ", weight.size(), " weights but ", bias.size(), " biases");
-  const int64_t F = x.size(1);
-  for (size_t k = 0; k < weight.size(); ++k) {
-    check_shape(weight[k], {2 * F, F}, "highway: weight");
-    check_shape(bias[k], {2 * F}, "highway: bias");
-    check_same_device_dtype(weight[k], x, "highway: weight");
-    check_same_device_dtype(bias[k], x, "highway: bias");
+  check_highway_weights(x, weight, "highway: weight");
+  for (const at::Tensor& b : bias) {
+    check_shape(b, {2 * x.size(1)}, "highway: bias");
+    check_same_device_dtype(b, x, "highway: bias");
   }
 }
 
@@ -70,10 +77,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> highway
     check_shape(activations, {layers, N, 2 * F}, "highway_backward: activations");
     check_same_device_dtype(activations, x_in, "highway_backward: activations");
   }
-  for (int64_t l = 0; l < layers; ++l) {
-    check_shape(weight[l], {2 * F, F}, "highway_backward: weight");
-    check_same_device_dtype(weight[l], x_in, "highway_backward: weight");
-  }
+  check_highway_weights(x_in, weight, "highway_backward: weight");
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dy = grad_out.contiguous();
   std::vector<at::Tensor> grad_weight(layers), grad_bias(layers);

@@ -215,18 +215,19 @@ __global__ void __launch_bounds__(kLstmPtThreads, 1)
 // The dynamic shared-memory limit belongs to the kernel (per device), not to a launch: were it set to
 // each call's size, a thread launching a smaller layout could lower it between another thread's set and
 // launch. So it is raised once per device to the device's opt-in maximum, which the layouts never exceed
-// (persistent_obstacle checks), and never lowered.
+// (persistent_obstacle checks them against it), and never lowered.
 template <typename T>
-cudaError_t allow_shared(size_t shared_bytes) {
+cudaError_t allow_shared() {
   static std::mutex mutex;
   static std::set<int> raised;
-  int device = 0, max_optin = 0;
+  int device = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
-  if (shared_bytes > static_cast<size_t>(max_optin)) return cudaErrorInvalidValue;
   std::lock_guard<std::mutex> lock(mutex);
   if (raised.count(device) != 0) return cudaSuccess;
+  int max_optin = 0;
+  err = cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
   cudaFuncAttributes attributes{};
   err = cudaFuncGetAttributes(&attributes, lstm_persistent_kernel<T>);
   if (err != cudaSuccess) return err;
@@ -242,7 +243,7 @@ template <typename T>
 cudaError_t launch_lstm_persistent(const LstmPersistentArgs<T>& args, const LstmPersistentLayout& layout,
                                    cudaStream_t stream) {
   if (args.s_begin >= args.s_end) return cudaSuccess;
-  cudaError_t err = allow_shared<T>(layout.shared_bytes);
+  cudaError_t err = allow_shared<T>();
   if (err != cudaSuccess) return err;
   LstmPersistentArgs<T> a = args;
   LstmPersistentLayout l = layout;
@@ -255,7 +256,7 @@ cudaError_t launch_lstm_persistent(const LstmPersistentArgs<T>& args, const Lstm
 template <typename T>
 cudaError_t lstm_persistent_blocks_per_sm(size_t shared_bytes, int* blocks) {
   *blocks = 0;
-  const cudaError_t err = allow_shared<T>(shared_bytes);
+  const cudaError_t err = allow_shared<T>();
   if (err != cudaSuccess) return err;
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, lstm_persistent_kernel<T>, kLstmPtThreads,
                                                        shared_bytes);
