@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 is a CUDA build that also runs on CPU-only machines, so the CUDA kernels always
 # compile; `make TORCH=torch==2.13.0 ELMO_FAST_CUDA=0 test` gives the small CPU-only setup.
 TORCH ?= torch==2.14.1
-DEPS := numpy h5py tqdm pytest pytest-benchmark matplotlib ninja "setuptools>=64" wheel
+DEPS := numpy h5py tqdm pytest pytest-benchmark matplotlib ninja "setuptools>=77" wheel
 PYTEST_ARGS ?= -q
 
 # Facts from ../shared/build-env.md: CUDA_HOME must point at the toolkit (nvcc on PATH may be a
