@@ -135,3 +135,29 @@ def test_nn_lstm_directions_side_by_side_match_torch(packed):
     g_r = torch.autograd.grad((data_r, h_r, c_r), [x, *ref.parameters()], [torch.ones_like(t) for t in (data, h, c)])
     for a, b in zip(g, g_r):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_nn_lstm_under_torch_compile(packed):
+    """A model that holds the drop-in and is torch.compile'd: outputs, final states and every gradient
+    match eager torch.nn.LSTM (padded input in one graph; PackedSequence with graph breaks allowed)."""
+    torch._dynamo.reset()
+    ours, ref = pair("cpu", input_size=3, hidden_size=5, num_layers=2, bidirectional=True, proj_size=2,
+                     batch_first=True)
+    x = torch.randn(4, 6, 3, dtype=torch.float64, requires_grad=True)
+    h0, c0 = torch.randn(4, 4, 2, dtype=torch.float64), torch.randn(4, 4, 5, dtype=torch.float64)
+    if packed:
+        inp = pack_padded_sequence(x, torch.tensor([2, 6, 1, 4]), batch_first=True, enforce_sorted=False)
+    else:
+        inp = x
+    compiled = torch.compile(ours, fullgraph=not packed)  # pad_packed_sequence is on dynamo's skip list
+    out, (h, c) = compiled(inp, (h0, c0))
+    out_r, (h_r, c_r) = ref(inp, (h0, c0))
+    data, data_r = (out.data, out_r.data) if packed else (out, out_r)
+    for a, b in ((data, data_r), (h, h_r), (c, c_r)):
+        torch.testing.assert_close(a, b, **TOL)
+    ups = [torch.randn_like(t) for t in (data, h, c)]
+    g = torch.autograd.grad((data, h, c), [x, *ours.parameters()], ups, retain_graph=True)
+    g_r = torch.autograd.grad((data_r, h_r, c_r), [x, *ref.parameters()], ups)
+    for name, a, b in zip(["x"] + [n for n, _ in ours.named_parameters()], g, g_r):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"grad {name}: {m}")
