@@ -356,31 +356,19 @@ def test_forward_propagates_nan(sim, kernel, dtype):
     assert torch.isnan(out[nan_rows]).all()
     torch.testing.assert_close(out[keep].double(), ref[keep], **SIM_TOL[dtype])
     check_windows(p, windows, keep)
-    if kernel == "simt":  # the tensor-core kernel: test_tensor_core_nan_windows
-        assert torch.isnan(saved_window_values(p, windows, nan_rows)).all(), "a NaN output's window lacks the NaN"
-
-
-# Found by the two tests below; the kernel is left as it is until decided.
-TC_ZERO_WEIGHT_XFAIL = pytest.mark.xfail(
-    strict=True, reason="KERNEL: char_cnn_tc.cu computes every window over all w_max chars (Kp values); the "
-    "chars past a narrower filter's width meet its zero-padded weights, and NaN * 0 = inf * 0 = NaN")
-
-
-@TC_ZERO_WEIGHT_XFAIL
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_tensor_core_nan_windows(sim, dtype):
-    """As torch.max and the SIMT kernel: a NaN output's saved window is one whose conv is NaN (the tanh
-    backward sends the NaN gradient to that window's chars). The tensor-core kernel saves the first window
-    within w_max chars of the NaN char, for every width."""
-    p, nan_rows = nan_problem(dtype)
-    _, windows = run_tc(sim, p)
+    # As torch.max: a NaN output's saved window is one whose conv is NaN, so the tanh backward sends the
+    # NaN gradient to that window's chars. (The tensor-core kernel once saved the first window within
+    # w_max chars of the NaN char, for every width: its tile reads w_max chars against zero weights.)
     assert torch.isnan(saved_window_values(p, windows, nan_rows)).all(), "a NaN output's window lacks the NaN"
+    first_nan = torch.cat([conv[nan_rows].isnan().int().argmax(2) for conv in conv_windows(p)], 1)
+    assert torch.equal(windows[nan_rows].long(), first_nan), "not the first NaN window, as torch.max"
 
 
-@pytest.mark.parametrize("kernel", ["simt", pytest.param("tensor_core", marks=TC_ZERO_WEIGHT_XFAIL)])
+@pytest.mark.parametrize("kernel", ["simt", "tensor_core"])
 def test_inf_in_char_table(sim, kernel):
-    """An inf channel in a used char's row gives +-inf or finite values, as in the reference (the SIMT
-    kernel does); the tensor-core kernel gives NaN in every filter of that token."""
+    """An inf channel in a used char's row gives +-inf or finite values, as in the reference (the
+    tensor-core kernel once gave NaN in every filter of that token: inf * 0 in the chars past a narrower
+    filter's width)."""
     p = make_problem(CASES[0], torch.float16)
     p.ids[1, 9] = 258
     p.emb[258], p.emb64[258] = 0.0, 0.0

@@ -21,6 +21,21 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
+// inf - inf and NaN - NaN are NaN. (Unused below sm_80, where the kernel body is left out.)
+[[maybe_unused]] __device__ __forceinline__ bool is_finite(float v) { return v - v == 0.f; }
+
+// A window's conv over exactly its filter's w chars (count = w * dp values; packed column f, stride Fp).
+// The tile MMA reads w_max chars for every filter, the extra ones against zero weights, which is exact
+// unless one of them is NaN or inf (x * 0 = NaN): tokens holding such a char take this path instead,
+// window by window, so that they give what the SIMT kernel and the reference give.
+template <typename T>
+__device__ float window_dot(const T* x, const T* column, int count, int Fp) {
+  float acc = 0.f;
+#pragma unroll 1
+  for (int k = 0; k < count; ++k, column += Fp) acc += to_float(x[k]) * to_float(*column);
+  return acc;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kCharCnnTcWarps * 32)
     char_cnn_tc_forward_kernel(const int64_t* ids, const T* emb_p, const T* packed_p, const T* bias, T* out,
@@ -31,9 +46,12 @@ __global__ void __launch_bounds__(kCharCnnTcWarps * 32)
   T* s_emb = reinterpret_cast<T*>(smem);  // (kCharCnnTcTokens, slot, dp)
   float* s_acc = reinterpret_cast<float*>(smem + sizeof(T) * kCharCnnTcTokens * slot * dp);  // (warps, 16, 16)
   __shared__ int s_live[kCharCnnTcTokens];
+  __shared__ int s_nonfinite[kCharCnnTcTokens];  // the token has a NaN or inf among its staged chars
 
   const int64_t n0 = int64_t(blockIdx.x) * kCharCnnTcTokens;
   const int tokens = N - n0 < kCharCnnTcTokens ? static_cast<int>(N - n0) : kCharCnnTcTokens;
+  if (threadIdx.x < kCharCnnTcTokens) s_nonfinite[threadIdx.x] = 0;
+  __syncthreads();
 
   // Stage: slot position r < C holds char r; positions >= C (read only by masked rows or against
   // zero weights) and the slots past the last token are zeros, as are channels >= d in emb_p.
@@ -41,7 +59,10 @@ __global__ void __launch_bounds__(kCharCnnTcWarps * 32)
   for (int e = threadIdx.x; e < kCharCnnTcTokens * slot_elems; e += blockDim.x) {
     const int i = e / slot_elems, r = (e % slot_elems) / dp, c = e % dp;
     T v = from_float<T>(0.f);
-    if (i < tokens && r < C) v = emb_p[char_cnn_clamp_id(ids[(n0 + i) * C + r], V) * dp + c];
+    if (i < tokens && r < C) {
+      v = emb_p[char_cnn_clamp_id(ids[(n0 + i) * C + r], V) * dp + c];
+      if (!is_finite(to_float(v))) atomicOr(s_nonfinite + i, 1);
+    }
     s_emb[e] = v;
   }
   if (threadIdx.x < tokens) {  // the live length L over the clamped ids (Note [char-CNN padding shortcut])
@@ -68,11 +89,22 @@ __global__ void __launch_bounds__(kCharCnnTcWarps * 32)
     const float bf = real ? to_float(bias[f]) : 0.f;
     for (int i = 0; i < tokens; ++i) {
       const int L = s_live[i];
+      const bool exact = s_nonfinite[i] != 0;  // warp-uniform
       const int last = L < C - w ? L : C - w;                       // this filter's last window row
       const int rows = (L < C - w_min ? L : C - w_min) + 1;         // rows any filter of the tile needs
       float best = -CUDART_INF_F;
       int best_t = 0;
-      for (int t0 = 0; t0 < rows; t0 += 16) {  // warp-uniform
+      if (exact) {  // warp-uniform; rare: lanes 0-15 scan their filter's windows one by one
+#pragma unroll 1
+        for (int t = 0; part == 0 && real && t <= last; ++t) {
+          const float v = window_dot(s_emb + (i * slot + t) * dp, packed_p + f, w * dp, Fp);
+          if (char_cnn_beats(v, best)) {
+            best = v;
+            best_t = t;
+          }
+        }
+      }
+      for (int t0 = 0; !exact && t0 < rows; t0 += 16) {  // warp-uniform
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
         wmma::fill_fragment(acc, 0.f);
         const T* a_base = s_emb + (i * slot + t0) * dp;

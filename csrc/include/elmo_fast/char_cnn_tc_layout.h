@@ -13,6 +13,9 @@
 // CPU computes it once per call; here it is one more row of a 16-row tile, which costs the same
 // however many of its rows are used (an extra tile only when L + 1 crosses a multiple of 16).
 // Char slots past C are staged as zeros: only masked rows, or zero weights, read them.
+// A filter narrower than w_max meets its tile's extra chars with zero weights, which adds nothing unless
+// such a char holds a NaN or inf (x * 0 = NaN): a token with a non-finite staged value has its windows
+// recomputed over exactly each filter's width (window_dot), as the SIMT kernel and the reference do.
 // Reads stay inside the token's slot: rows go up to roundup(C - w_min + 1, 16) - 1, each reading
 // Kp/dp chars, so a slot holds roundup(C - w_min + 1, 16) + ceil(Kp / dp) chars (rounded up to
 // even, which keeps every tile 32-byte aligned as WMMA requires).
