@@ -206,6 +206,27 @@ def test_char_cnn_propagates_nan(device, activation):
     assert_close_verbose(out[keep], ref[keep], **TOL[dtype])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_char_cnn_inf_in_char_table(device, activation):
+    """An inf channel in a char's row reaches only the windows that hold the char, as in the reference's
+    conv (Note [char-CNN non-finite chars]: the packed GEMM also reads the chars past a narrower filter's
+    width, against zero weights, and inf * 0 is NaN). Char 258 sits inside token 2's word and is token
+    10's trailing run (the constant window). Forward only: the reference's conv backward multiplies the
+    inf by the zero gradients of the windows that lost the max, which the max-routed backward never does."""
+    g = torch.Generator().manual_seed(12)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    emb, weights, biases = make_params(g, 16, SMALL, dtype, device)
+    emb[258, 3] = float("inf")
+    ids, inf_rows = nan_case(g, 24)
+    ids = ids.to(device)
+    out = F.char_cnn(ids, emb, weights, biases, activation)
+    ref = R.char_cnn(ids, emb, weights, biases, activation)
+    assert torch.isinf(ref[2]).any() or activation == "tanh"  # the case is as described
+    assert not torch.isnan(ref[2]).any()
+    assert_close_verbose(out, ref, **TOL[dtype], equal_nan=True)
+
+
 def test_char_cnn_noncontiguous_inputs():
     g = torch.Generator().manual_seed(7)
     ids = make_ids(g, 30, 50)

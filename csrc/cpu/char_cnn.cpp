@@ -4,6 +4,7 @@
 // an im2col buffer (rows, K = w_max * d) and multiplied by the packed (F, K) weight through
 // common/linear.h (Note [char-CNN packed weight]); a masked max per filter group follows.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -98,6 +99,35 @@ void fill_window(T* row, const int64_t* ids, const T* emb, int64_t t, int64_t C,
   }
 }
 
+// Note [char-CNN non-finite chars]: the packed GEMM reads w_max chars for every filter, the extra ones
+// against zero weights, which adds nothing unless such a char holds a NaN or inf (x * 0 = NaN) where the
+// reference, whose conv reads only the filter's own w chars, gives inf or a finite value. So a token with
+// a non-finite char (or a constant window of one) has its conv values recomputed over exactly each
+// filter's width before the max. The tensor-core CUDA kernel does the same (char_cnn_tc.cu).
+
+// A filter's conv over exactly its w chars: sum over k < w, c < d of char(k)[c] * packed_row[k * d + c].
+template <typename A, typename T, class CharAt>
+A exact_conv(const CharAt& char_at, const T* packed_row, int64_t w, int64_t d) {
+  A acc = 0;
+  for (int64_t k = 0; k < w; ++k) {
+    const T* x = char_at(k);
+    for (int64_t c = 0; c < d; ++c) acc += A(x[c]) * A(packed_row[k * d + c]);
+  }
+  return acc;
+}
+
+// Rows of the table holding a NaN or inf (all false, and *any false, for a finite table).
+template <typename T>
+std::vector<char> nonfinite_rows(const T* emb, int64_t V, int64_t d, bool* any) {
+  std::vector<char> bad(V, 0);
+  *any = false;
+  for (int64_t v = 0; v < V; ++v) {
+    for (int64_t c = 0; c < d; ++c) bad[v] |= !std::isfinite(static_cast<double>(emb[v * d + c]));
+    *any |= bad[v] != 0;
+  }
+  return bad;
+}
+
 // T: storage type; the max, bias and activation run in A = at::opmath_type<T> (float for bfloat16).
 template <typename T, typename A = at::opmath_type<T>>
 void forward_impl(const CharCnnShape& s, const CharCnnTokens& tok, const at::Tensor& ids_t, const at::Tensor& emb_t,
@@ -122,7 +152,19 @@ void forward_impl(const CharCnnShape& s, const CharCnnTokens& tok, const at::Ten
   at::Tensor const_y = at::empty({P, F}, emb_t.options());
   if (P > 0) matmul_nt_into(const_y, const_x, packed);
   const at::Tensor const_a = const_y.to(c10::CppTypeToScalarType<A>::value);
-  const A* constant = const_a.data_ptr<A>();
+  A* constant = const_a.data_ptr<A>();
+  const T* packed_p = packed.data_ptr<T>();
+  bool any_nonfinite = false;
+  const std::vector<char> nonfinite = nonfinite_rows(emb, s.V, d, &any_nonfinite);
+  for (int64_t j = 0; any_nonfinite && j < P; ++j) {  // Note [char-CNN non-finite chars]
+    if (!nonfinite[tok.distinct[j]]) continue;
+    const T* x = emb + tok.distinct[j] * d;
+    for (const CharCnnGroup& g : s.groups) {
+      for (int64_t f = g.f0; f < g.f0 + g.m; ++f) {
+        constant[j * F + f] = exact_conv<A>([&](int64_t) { return x; }, packed_p + f * K, g.w, d);
+      }
+    }
+  }
 
   const int64_t n_blocks = (N + kBlockTokens - 1) / kBlockTokens;
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -141,7 +183,24 @@ void forward_impl(const CharCnnShape& s, const CharCnnTokens& tok, const at::Ten
         for (int64_t t = 0; t < live; ++t, ++r) fill_window(xp + r * K, ids + n * C, emb, t, C, d, s.w_max);
       }
       if (rows > 0) matmul_nt_into(y, x, packed);
-      const T* yp = y.data_ptr<T>();
+      T* yp = y.data_ptr<T>();
+      r = 0;
+      for (int64_t n = n0; any_nonfinite && n < n1; ++n) {  // Note [char-CNN non-finite chars]
+        const int64_t* idn = ids + n * C;
+        const int64_t live = char_cnn_live_windows(tok.live[n], C, s.w_min);
+        if (std::any_of(idn, idn + C, [&](int64_t id) { return nonfinite[id] != 0; })) {
+          for (int64_t t = 0; t < live; ++t) {
+            for (const CharCnnGroup& g : s.groups) {
+              if (t >= char_cnn_live_windows(tok.live[n], C, g.w)) continue;  // not a window of this width
+              for (int64_t f = g.f0; f < g.f0 + g.m; ++f) {
+                const auto char_at = [&](int64_t k) { return emb + idn[t + k] * d; };
+                yp[(r + t) * F + f] = T(exact_conv<A>(char_at, packed_p + f * K, g.w, d));
+              }
+            }
+          }
+        }
+        r += live;
+      }
       r = 0;
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t L = tok.live[n];
