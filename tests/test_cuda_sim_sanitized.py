@@ -1,6 +1,9 @@
-"""The simulated CUDA kernel tests again, with the simulator built under AddressSanitizer and
-UndefinedBehaviorSanitizer (compute-sanitizer's memcheck, on the CPU): any out-of-bounds read or write of
-a kernel, in global or shared memory, or undefined behaviour fails the run with the kernel's source line."""
+"""The simulated CUDA kernel tests again, with the simulator built under a sanitizer: AddressSanitizer
+and UndefinedBehaviorSanitizer (compute-sanitizer's memcheck, on the CPU: an out-of-bounds read or write
+of a kernel, in global or shared memory, fails the run with the kernel's source line), and
+ThreadSanitizer (its racecheck: the block's threads are OS threads and the kernel's barriers are real
+ones, so two accesses to the same address with no barrier between them, one a write, are a data race).
+ThreadSanitizer runs a few cases per kernel: it is slow, and a race shows in any of them."""
 import os
 import pathlib
 import subprocess
@@ -11,21 +14,42 @@ import pytest
 import cuda_sim
 
 TESTS = pathlib.Path(__file__).resolve().parent
+SIM_TESTS = sorted(str(p) for p in TESTS.glob("test_cuda_sim_*.py") if p.name != pathlib.Path(__file__).name)
+# One or two cases of every kernel family: the widest layouts (several blocks, warps, tiles, passes).
+TSAN_CASES = [
+    "test_cuda_sim_pointwise.py::test_highway_kernels[5-130-torch.bfloat16]",
+    "test_cuda_sim_pointwise.py::test_lstm_pointwise_kernels[0.5-0.3-5-130-torch.float32]",
+    "test_cuda_sim_char_cnn.py::test_simt_forward[wide-torch.float32]",
+    "test_cuda_sim_char_cnn.py::test_tensor_core_forward[wide-torch.bfloat16]",
+    "test_cuda_sim_char_cnn.py::test_tensor_core_forward[elmo-torch.float16]",
+    "test_cuda_sim_char_cnn.py::test_backward[elmo-torch.float32]",
+    "test_cuda_sim_char_cnn.py::test_forward_propagates_nan[tensor_core-torch.bfloat16]",
+    "test_cuda_sim_lstm_persistent.py::test_persistent_forward[torch.bfloat16-ragged_reverse_clips]",
+    "test_cuda_sim_lstm_persistent.py::test_persistent_forward[torch.bfloat16-col_and_unit_groups]",
+    "test_cuda_sim_lstm_persistent.py::test_persistent_forward[torch.float16-split]",
+]
+OPTIONS = {
+    "address": dict(ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=86",
+                    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87"),
+    # torch itself on one thread: libgomp is not instrumented, so its teams would look racy to TSan.
+    "thread": dict(TSAN_OPTIONS="halt_on_error=1:exitcode=66:report_signal_unsafe=0", OMP_NUM_THREADS="1",
+                   MKL_NUM_THREADS="1"),
+}
 
 
-def test_simulated_kernels_under_address_sanitizer():
+@pytest.mark.parametrize("sanitizer", ["address", "thread"])
+def test_simulated_kernels_under_sanitizer(sanitizer):
     reason = cuda_sim.unavailable()
     if reason:
         pytest.skip(f"CUDA simulator: {reason}")
-    runtime = cuda_sim.asan_runtime()
+    runtime = cuda_sim.sanitizer_runtime(sanitizer)
     if runtime is None:
-        pytest.skip("g++ has no libasan")
-    files = sorted(str(p) for p in TESTS.glob("test_cuda_sim_*.py") if p.name != pathlib.Path(__file__).name)
-    env = dict(os.environ, LD_PRELOAD=runtime, ELMO_FAST_SIM_SANITIZE="1",
-               ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=86",
-               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files],
-                            env=env, capture_output=True, text=True, timeout=1200)
+        pytest.skip(f"g++ has no {sanitizer} sanitizer runtime")
+    selection = [str(TESTS / case) for case in TSAN_CASES] if sanitizer == "thread" else SIM_TESTS
+    env = dict(os.environ, LD_PRELOAD=runtime, ELMO_FAST_SIM_SANITIZE=sanitizer, **OPTIONS[sanitizer])
+    # -s: a sanitizer report goes to stderr as it happens (the process exits before pytest would print it).
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider",
+                             *selection], env=env, capture_output=True, text=True, timeout=1500)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-8000:]
-    assert " passed" in output and "AddressSanitizer" not in output, output[-8000:]
+    assert result.returncode == 0, output[-10000:]
+    assert " passed" in output and "Sanitizer" not in output, output[-10000:]
