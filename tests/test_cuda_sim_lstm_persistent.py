@@ -24,6 +24,7 @@ import torch
 
 import elmo_fast.reference as R
 from sim_util import check, code, f32, i64, ptr, sim  # noqa: F401 (fixture)
+from util import make_plan
 
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 ROWS = 32  # kLstmPtRows: rows_pad = B rounded up to it
@@ -38,43 +39,6 @@ def layout(sim, n, P, has_proj, sms):
     out = (ctypes.c_int64 * len(LAYOUT_KEYS))()
     sim.sim_lstm_persistent_layout(*i64(n, P), ctypes.c_int(int(has_proj)), *i64(sms), out)
     return dict(zip(LAYOUT_KEYS, out))
-
-
-@dataclass
-class Plan:
-    """make_lstm_plan (csrc/common/lstm_plan.h) in Python."""
-    B: int
-    T: int
-    perm: List[int]
-    active: List[int]
-    offset: List[int]
-    pack: List[int]   # packed row -> b * T + t
-    last: List[int]   # sorted position -> hbuf row of its final h
-
-    @property
-    def total(self):
-        return self.offset[-1]
-
-    @property
-    def steps(self):
-        return len(self.active)
-
-    def h_row(self, s):
-        """hbuf row of the first h_prev of step s."""
-        return 0 if s == 0 else self.B + self.offset[s - 1]
-
-
-def make_plan(lengths, T, reverse):
-    B = len(lengths)
-    perm = sorted(range(B), key=lambda b: -lengths[b])  # stable: longest first
-    steps = lengths[perm[0]] if B else 0
-    active = [sum(lengths[b] > s for b in perm) for s in range(steps)]
-    offset = [0]
-    for a in active:
-        offset.append(offset[-1] + a)
-    pack = [perm[k] * T + (lengths[perm[k]] - 1 - s if reverse else s) for s in range(steps) for k in range(active[s])]
-    last = [k if lengths[perm[k]] == 0 else B + offset[lengths[perm[k]] - 1] + k for k in range(B)]
-    return Plan(B, T, perm, active, offset, pack, last)
 
 
 @dataclass

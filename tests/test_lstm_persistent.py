@@ -17,6 +17,7 @@ import elmo_fast
 import elmo_fast.functional as F
 import elmo_fast.reference as R
 from test_lstm_projection import CASES, ORDER, check_low_precision_cuda, detached, make_case, run
+from util import make_plan
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 ROWS = 32  # kLstmPtRows
@@ -85,14 +86,8 @@ def emulate_persistent(t, lengths, cell_clip, proj_clip, reverse, sms):
     has_proj = w_proj is not None
     lay = layout(n, P, has_proj, sms, max_shared=1 << 30)
     u, Pp = lay["units"], lay["Pp"]
-    lens = lengths.tolist()
-    perm = sorted(range(B), key=lambda b: -lens[b])  # stable: longest first
-    steps = lens[perm[0]] if B else 0
-    active = [sum(lens[b] > s for b in perm) for s in range(steps)]
-    offset = [0]
-    for a in active:
-        offset.append(offset[-1] + a)
-    pack = [perm[k] * T + (lens[perm[k]] - 1 - s if reverse else s) for s in range(steps) for k in range(active[s])]
+    plan = make_plan(lengths.tolist(), T, reverse)
+    perm, steps, active, offset, pack = plan.perm, plan.steps, plan.active, plan.offset, plan.pack
     xp = x.reshape(B * T, -1)[pack]
     g = xp @ w_ih.T + (bias if bias is not None else 0)  # the hoisted input GEMM
     hbuf = torch.zeros(B + offset[-1], P, dtype=torch.float64)
@@ -147,9 +142,8 @@ def emulate_persistent(t, lengths, cell_clip, proj_clip, reverse, sms):
         hbuf[B + off:B + off + rows_s] = clip(summed, proj_clip)
     out = torch.zeros(B * T, P, dtype=torch.float64)
     out[pack] = hbuf[B:]
-    last = [k if lens[perm[k]] == 0 else B + offset[lens[perm[k]] - 1] + k for k in range(B)]
     h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
-    h_n[perm] = hbuf[last]
+    h_n[perm] = hbuf[plan.last]
     c_n[perm] = c
     return out.view(B, T, P), h_n, c_n
 

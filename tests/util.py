@@ -1,4 +1,7 @@
 """Helpers for comparing fused ops with elmo_fast.reference."""
+from dataclasses import dataclass
+from typing import List
+
 import torch
 
 # Per dtype: forward tolerances for a fused op against the float64-exact reference evaluated in
@@ -44,3 +47,41 @@ def interrupt_nth_write(monkeypatch, n):
 
     monkeypatch.setattr(OutputFile, "write_batch", write_batch)
     return lambda: monkeypatch.setattr(OutputFile, "write_batch", original)
+
+
+@dataclass
+class Plan:
+    """make_lstm_plan (csrc/common/lstm_plan.h, Note [LSTM packing]) in Python: rows sorted by length
+    (stable, longest first), packed step-major."""
+    B: int
+    T: int
+    perm: List[int]
+    active: List[int]
+    offset: List[int]
+    pack: List[int]   # packed row -> b * T + t
+    last: List[int]   # sorted position -> hbuf row of its final h
+
+    @property
+    def total(self):
+        return self.offset[-1]
+
+    @property
+    def steps(self):
+        return len(self.active)
+
+    def h_row(self, s):
+        """hbuf row of the first h_prev of step s."""
+        return 0 if s == 0 else self.B + self.offset[s - 1]
+
+
+def make_plan(lengths, T, reverse):
+    B = len(lengths)
+    perm = sorted(range(B), key=lambda b: -lengths[b])  # stable: longest first
+    steps = lengths[perm[0]] if B else 0
+    active = [sum(lengths[b] > s for b in perm) for s in range(steps)]
+    offset = [0]
+    for a in active:
+        offset.append(offset[-1] + a)
+    pack = [perm[k] * T + (lengths[perm[k]] - 1 - s if reverse else s) for s in range(steps) for k in range(active[s])]
+    last = [k if lengths[perm[k]] == 0 else B + offset[lengths[perm[k]] - 1] + k for k in range(B)]
+    return Plan(B, T, perm, active, offset, pack, last)
