@@ -15,6 +15,18 @@ from elmo_fast import wavefront
 __all__ = ["LSTM", "LstmCellWithProjection"]
 
 
+# PackedSequence conversions run outside torch.compile's graph (a graph break, where newer torch makes
+# anyway): torch 2.11's dynamo traces pad_packed_sequence with fake tensors and fails.
+@torch.compiler.disable
+def _unpack(input: PackedSequence):
+    return pad_packed_sequence(input, batch_first=True)
+
+
+@torch.compiler.disable
+def _packed_data(padded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=True).data
+
+
 class LSTM(nn.Module):
     """torch.nn.LSTM on elmo_fast's fused op. Same constructor, `forward(input, hx=None)` and results:
     input (T, B, I) or (B, T, I) with batch_first, (T, I) unbatched, or a PackedSequence; hx = (h_0, c_0)
@@ -76,7 +88,7 @@ class LSTM(nn.Module):
         packed = isinstance(input, PackedSequence)
         unbatched = False
         if packed:
-            x, lengths = pad_packed_sequence(input, batch_first=True)  # original row order
+            x, lengths = _unpack(input)  # original row order
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: expected input to be 2-D or 3-D, got {input.dim()}-D")
@@ -130,7 +142,7 @@ class LSTM(nn.Module):
                 else layer_in
             sorted_len = lengths.index_select(0, input.sorted_indices.cpu()) if input.sorted_indices is not None \
                 else lengths
-            data = pack_padded_sequence(sorted_out, sorted_len, batch_first=True, enforce_sorted=True).data
+            data = _packed_data(sorted_out, sorted_len)
             return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), (h_n, c_n)
         out = layer_in if self.batch_first else layer_in.transpose(0, 1)
         if unbatched:
