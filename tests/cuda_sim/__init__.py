@@ -11,7 +11,6 @@ pass CPU tensors' data and compare against elmo_fast.reference. Built with a san
 What it does not model: timing, memory coherence between blocks (a missing __ldcg is not seen), the
 fragment layout of real WMMA (code that depends on it would pass here), bank conflicts, occupancy.
 """
-import ctypes
 import functools
 import hashlib
 import os
@@ -90,13 +89,16 @@ def library_path(sanitize=None):
     return lib
 
 
-@functools.lru_cache(maxsize=None)
-def load():
-    return ctypes.CDLL(str(library_path()))
-
-
-def sanitizer_runtime(sanitize):
-    """Path of g++'s libasan or libtsan, to preload into a sanitized run (None when missing)."""
-    name = {"address": "libasan.so", "thread": "libtsan.so"}[sanitize]
+def _gcc_library(name):
     out = subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
     return out if os.path.isabs(out) and os.path.exists(out) else None
+
+
+def sanitizer_preload(sanitize):
+    """LD_PRELOAD for a sanitized run (None when g++ lacks the runtime): libasan or libtsan, then
+    libstdc++, so that the sanitizer's __cxa_throw interceptor finds the real one when a C++ library
+    throws during import (triton does, under torch: a CHECK failure in ASan otherwise)."""
+    runtime = _gcc_library({"address": "libasan.so", "thread": "libtsan.so"}[sanitize])
+    if runtime is None:
+        return None
+    return ":".join(p for p in (runtime, _gcc_library("libstdc++.so.6")) if p)
