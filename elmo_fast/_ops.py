@@ -1,10 +1,48 @@
 """Loads the extension and registers, for every op of torch.ops.elmo_fast, its fake (meta)
 implementation and its autograd formula. Nothing else: argument checks live in functional.py."""
+import functools
+
 import torch
 
 from elmo_fast._loader import load_extension
 
 _C = load_extension()
+
+
+def _first_order_only(op):
+    """Marks an op's gradients as not differentiable. The *_backward ops have no autograd formula of
+    their own, so under create_graph=True (a gradient penalty) autograd would record only part of them
+    and a second derivative would come out silently wrong (found by scripts/fuzz_ops.py). As with
+    torch.autograd.function.once_differentiable: the backward runs without recording, and its outputs
+    raise a clear error if anything differentiates them."""
+    message = (f"elmo_fast::{op}: double backward (differentiating its gradients, create_graph=True) is not "
+               "supported (first derivatives are)").encode()
+
+    def wrap(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():  # plain backward: nothing is recorded
+                return backward(ctx, *grads)
+            # A zero that depends on every differentiable input of this backward: the error node hangs on
+            # it, so autograd.grad(..., inputs) reaches the node (and raises) instead of pruning it away.
+            sources = [t for t in (*ctx.saved_tensors, *grads)
+                       if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()]
+            anchor = sum(t.reshape(-1)[:0].sum() for t in sources) if sources else None
+            with torch.no_grad():
+                result = backward(ctx, *grads)
+            if anchor is None:
+                return result
+
+            def poison(g):
+                if isinstance(g, (list, tuple)):
+                    return type(g)(poison(t) for t in g)
+                if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+                    return g
+                return torch._C._functions.DelayedError(message, 1)(g + anchor.to(g.dtype))
+
+            return tuple(poison(g) for g in result)
+        return wrapper
+    return wrap
 
 
 # --- highway ---------------------------------------------------------------------------------
@@ -27,6 +65,7 @@ def _highway_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, output[1], *weight)
 
 
+@_first_order_only("highway")
 def _highway_backward(ctx, grad_out, _grad_activations):
     x, activations, *weight = ctx.saved_tensors
     if grad_out is None:
@@ -72,6 +111,7 @@ def _lstm_projection_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, lengths, w_ih, w_hh, w_proj, h0, c0, output[0], output[3], None if save else bias)
 
 
+@_first_order_only("lstm_projection")
 def _lstm_projection_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_activations):
     x, lengths, w_ih, w_hh, w_proj, h0, c0, out, activations, bias = ctx.saved_tensors
     cell_clip, proj_clip, reverse = ctx.clips_reverse
@@ -126,6 +166,7 @@ def _lstm_bidirectional_setup_context(ctx, inputs, output):
                           *((None, None) if save else bias))
 
 
+@_first_order_only("lstm_bidirectional")
 def _lstm_bidirectional_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_activations):
     lengths, *rest = ctx.saved_tensors
     x, w_ih, w_hh, w_proj, h0, c0, out, activations, bias = (rest[k:k + 2] for k in range(0, 18, 2))
@@ -170,6 +211,7 @@ def _char_cnn_setup_context(ctx, inputs, output):
     ctx.save_for_backward(char_ids, embedding, output[0], output[1], *weight)
 
 
+@_first_order_only("char_cnn")
 def _char_cnn_backward(ctx, grad_out, _grad_windows):
     char_ids, embedding, out, windows, *weight = ctx.saved_tensors
     if grad_out is None:
