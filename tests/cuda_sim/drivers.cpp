@@ -1,11 +1,9 @@
 // ctypes entry points of the CUDA simulator (Note [CUDA simulator] in tests/cuda_sim/__init__.py): each
 // calls one launcher of csrc/cuda with the storage type picked by a dtype code (0 float, 1 half,
 // 2 bfloat16) and returns its cudaError_t. Pointers are CPU tensors' data.
-#include <cstdint>
+#include "cuda_sim.h"  // first, as in the translated kernels: the simulated device's limits and runtime
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime_api.h>
+#include <cstdint>
 
 #include "elmo_fast/char_cnn_launch.h"
 #include "elmo_fast/char_cnn_tc_layout.h"
@@ -164,7 +162,7 @@ void sim_lstm_persistent_layout(int64_t n, int64_t P, int has_proj, int64_t sms,
   const LstmPersistentLayout l = lstm_persistent_layout(n, P, has_proj != 0, 2, sms);
   const int64_t values[] = {l.units,       l.blocks, l.Pp,    l.ldw,  l.lds,  l.col_groups, l.cols,
                             l.unit_groups, l.group_units, l.ldm, l.Pcols, int64_t(l.shared_bytes),
-                            lstm_persistent_fits(l, sms, 227 * 1024, sms) ? 1 : 0, sms};
+                            lstm_persistent_fits(l, sms, ef_sim::kOptinShared, sms) ? 1 : 0, sms};
   for (int i = 0; i < 14; ++i) layout[i] = values[i];
 }
 
@@ -179,7 +177,9 @@ int sim_lstm_persistent(int dtype, const void* g, int64_t g_base, const void* w_
     int per_sm = 0;
     cudaError_t err = lstm_persistent_blocks_per_sm<T>(layout.shared_bytes, &per_sm);
     if (err != cudaSuccess) return err;
-    if (!lstm_persistent_fits(layout, sms, 227 * 1024, int64_t(per_sm) * sms)) return cudaErrorInvalidConfiguration;
+    if (!lstm_persistent_fits(layout, sms, ef_sim::kOptinShared, int64_t(per_sm) * sms)) {
+      return cudaErrorInvalidConfiguration;
+    }
     LstmPersistentArgs<T> a;
     a.g = static_cast<const T*>(g);
     a.g_base = g_base;
