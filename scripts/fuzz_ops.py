@@ -43,7 +43,7 @@ def tol_for(dtype):
     return {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2}[dtype]
 
 
-def compare(name, actual, expected, dtype, scale_tol=1.0, nan_ok=True):
+def compare(name, actual, expected, dtype, scale_tol=1.0):
     """Relative-to-max error check. Raises Mismatch with numbers."""
     if actual is None and expected is None:
         return
@@ -522,11 +522,6 @@ def random_sentences(rng, B, maxlen):
         sents.append([rng.choice(words) if rng.random() < 0.6 else
                       "".join(chr(rng.randrange(33, 1200)) for _ in range(rng.randint(1, 55))) for _ in range(L)])
     return sents
-
-
-def ref_elmo_outputs(ids, state, options, h0=None, c0=None):
-    acts, mask, h_n, c_n = R.elmo_bilm(ids, state, options, h0, c0)
-    return acts, mask, h_n, c_n
 
 
 def case_elmo(rng, cfg):
