@@ -172,7 +172,7 @@ def char_encoder(char_ids: torch.Tensor, state: Dict[str, torch.Tensor], options
     x = highway(x, [state[f"{prefix}_highways._layers.{k}.weight"] for k in range(n_highway)],
                 [state[f"{prefix}_highways._layers.{k}.bias"] for k in range(n_highway)])
     x = torch.nn.functional.linear(x, state[prefix + "_projection.weight"], state[prefix + "_projection.bias"])
-    return x.reshape(batch, steps, -1)
+    return x.reshape(batch, steps, x.shape[-1])  # not -1: ambiguous when batch * steps == 0
 
 
 def elmo_lstm(x: torch.Tensor, lengths: torch.Tensor, state: Dict[str, torch.Tensor], options: Dict,

@@ -223,6 +223,12 @@ def test_bilm_matches_reference_module_free(files):
     assert torch.equal(out["mask"], mask)
     for a, b in zip(out["activations"], acts):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # An empty batch: the oracle too gives (0, T + 2, 2P) activations.
+    empty = torch.zeros(0, 3, 50, dtype=torch.long)
+    acts, mask, _, _ = R.elmo_bilm(empty, state, options)
+    out = ElmoBiLm(*files, stateful=False).double()(empty)
+    assert mask.shape == out["mask"].shape == (0, 5)
+    assert [a.shape for a in acts] == [a.shape for a in out["activations"]] == [(0, 5, 16)] * len(acts)
 
 
 # --- state (spec §5.5) ----------------------------------------------------------------------------

@@ -61,6 +61,26 @@ def test_highway_matches_reference_forward_and_backward(device, n, f, layers):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_highway_infinite_inputs_match_reference(device):
+    """+-inf in x: the saturated gate must be exactly 0 or 1, as torch.sigmoid's, so 0 * inf gives NaN
+    where the reference has NaN (the CPU's vectorized exp once stopped at 4.6e-39 and gave -inf)."""
+    gen = torch.Generator().manual_seed(7)
+    for dtype in [torch.float32, torch.float64]:
+        # One layer: a second would turn every row holding an inf into NaN whatever the gate does.
+        x, ws, bs = make_case(8, 9, 1, dtype, device, gen, requires_grad=False)
+        for row in range(6):
+            x[row, row] = float("inf") if row % 2 else float("-inf")
+        x[6, 3] = float("nan")
+        got, want = F.highway(x, ws, bs), R.highway(x, ws, bs)
+        # The case bites: some infinite inputs meet a closed gate (NaN), others an open one (inf).
+        diagonal = want[torch.arange(6), torch.arange(6)]
+        assert torch.isnan(diagonal).any() and torch.isinf(diagonal).any() and torch.isfinite(want[7]).all()
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), (got, want)
+        torch.testing.assert_close(got, want, equal_nan=True, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_highway_noncontiguous_inputs(device):
     gen = torch.Generator().manual_seed(1)
     x, ws, bs = make_case(13, 17, 2, torch.float32 if device == "cuda" else torch.float64, device, gen)

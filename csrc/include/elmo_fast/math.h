@@ -14,13 +14,13 @@ namespace elmo_fast {
 // Note [vectorizable expf]: libm's expf is an opaque call that stops gcc from vectorizing the
 // pointwise loops. This is Cephes' expf (range reduction by ln 2, degree-6 polynomial, exponent
 // built from bits): branch-free, within 2 ulp of expf on [-87.3, 88.3], and gcc vectorizes it.
-// Inputs are clamped to that range, where 2^n stays a normal float; callers only use it inside
-// sigmoid/tanh, whose results saturate long before the clamp matters. always_inline like EF_HD: as a
+// The polynomial sees inputs clamped to that range, where 2^n stays a normal float; outside it the
+// result is 0 or inf (expf's subnormal tail below -87.3 is flushed to 0). always_inline like EF_HD: as a
 // plain inline function gcc 12 left calls to it in some of the big float loop clones (-fopt-info-vec:
 // "statement clobbers memory"), and a call per element keeps a loop scalar.
-inline __attribute__((always_inline)) float exp_host_float(float x) {
+inline __attribute__((always_inline)) float exp_host_float(float x_in) {
   // Ternaries, not fmaxf/fminf: their NaN rules keep gcc from vectorizing them (maxps/minps are these).
-  x = x < -87.3f ? -87.3f : x;
+  float x = x_in < -87.3f ? -87.3f : x_in;
   x = x > 88.3f ? 88.3f : x;
   // n = round(x / ln 2) by the 1.5 * 2^23 trick: floorf does not vectorize without -fno-trapping-math.
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -35,7 +35,11 @@ inline __attribute__((always_inline)) float exp_host_float(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  // Outside the range, saturate as expf does (0 and inf), not at the clamp's 1.2e-38 and 2.2e38:
+  // sigmoid(-inf) must be exactly 0 so that the highway's gate * (-inf) is NaN, as in torch.
+  const float big = __builtin_huge_valf();
+  const float result = y * scale;
+  return x_in < -87.3f ? 0.0f : (x_in > 88.3f ? big : result);
 }
 #endif
 
