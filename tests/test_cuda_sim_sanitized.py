@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -67,6 +68,9 @@ def test_simulated_kernels_under_sanitizers():
             outputs[sanitizer] = (run.communicate()[0] + "\n(timed out after 1500 s)", -1)
     if not outputs:
         pytest.skip("; ".join(runs.values()))
+    for run in runs.values():
+        if isinstance(run, str):  # the other sanitizer ran: say, in the warnings summary, which did not
+            warnings.warn(f"simulated kernels not run under this sanitizer: {run}")
     for sanitizer, (output, returncode) in outputs.items():
         assert returncode == 0, f"{sanitizer}:\n{output[-10000:]}"
         assert " passed" in output and "Sanitizer" not in output, f"{sanitizer}:\n{output[-10000:]}"
