@@ -226,7 +226,11 @@ def case_char_cnn(rng, cfg):
     rg = not special and rng.random() < 0.7 and dtype == torch.float64
     cfg["grad"] = rg
     args = [leaf(emb.to(dtype), rg)] + [leaf(w.to(dtype), rg) for w in ws] + [leaf(b.to(dtype), rg) for b in bs]
-    args_r = [leaf(t.detach().to(dtype if special else torch.float64), rg) for t in args]
+    # Special values: the reference runs in the op's accumulation type (float32 for bfloat16), not in
+    # bfloat16: torch's bf16 CPU conv1d gave NaN for windows holding no NaN and only one sign of inf
+    # (case 1709886733), where float32 and float64 give inf, as the op does.
+    special_ref = torch.float32 if dtype == torch.bfloat16 else dtype
+    args_r = [leaf(t.detach().to(special_ref if special else torch.float64), rg) for t in args]
     nc = [maybe_noncontig(rng, t) for t in args]
     ids_in = ids if rng.random() < 0.8 else ids.to(torch.int32)
     cfg["ids_dtype"] = str(ids_in.dtype)
@@ -262,6 +266,10 @@ def lstm_inputs(rng, cfg, dtype, B=None, T=None, I=None, n=None, P=None, with_pr
     if B and rng.random() < 0.2:
         lengths = [T] * B
     gain = rng.choice([0.5, 1.0, 1.0, 2.0, 4.0])
+    if dtype == torch.bfloat16:
+        # At gain 2-4 the recurrence is chaotic: a 2^-9 relative change of x moved the float64 reference's
+        # c_n by up to 1.0 within 16 steps (case 430063708), so bf16's rounding of h cannot be judged there.
+        gain = min(gain, 1.0)
     cfg.update(B=B, T=T, I=I, n=n, P=P, proj=with_proj, bias=with_bias, lengths=lengths, gain=gain)
     t = dict(
         x=torch.randn(B, T, I, dtype=torch.float64),
