@@ -101,7 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        status = args.func(args)
+        sys.stdout.flush()  # inside the try: a pipe's buffered output is written here, not at exit
+        return status
+    except BrokenPipeError:
+        # `elmo-fast info | head`: the reader left. Exit quietly, as other Unix tools do, with no
+        # traceback and no second error when Python flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The benchmark driver runs, times both implementations and writes its JSON (not a speed test)."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -34,6 +37,18 @@ def test_cli_info(capsys):
     assert "torch" in info and "cuda_available" in info
     assert set(info["cpu"]) == {"gemm", "directions", "wavefront"} and info["cpu"]["wavefront"] in ("auto", "on", "off")
     assert set(info["cuda_kernels"]) == {"char_cnn", "cuda_directions", "cuda_graphs", "lstm"}
+
+
+def test_cli_output_into_a_closed_pipe_is_quiet():
+    """`elmo-fast info | head -0`: the reader has gone; exit 141 as a tool killed by SIGPIPE, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "elmo_fast.cli", "info"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and "Error" not in proc.stderr, proc.stderr
 
 
 def test_cli_bench_shape_option(tmp_path, capsys):
