@@ -74,6 +74,17 @@ def _shape(text: str) -> tuple:
     return batch, words
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --threads: 0 or less is an error, not "the default"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elmo-fast", description="A fast, faithful ELMo.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
                        help="dtype of weights and activations (default float32)")
-    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 and 2)")
+    bench.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: 1 and 2)")
     bench.add_argument("--quick", action="store_true", help="one shape, forward only (under a minute)")
     bench.add_argument("--full", action="store_true", help="the whole grid incl. 64x32 and the biLM's backward")
     bench.add_argument("--shape", action="append", type=_shape, metavar="BxW",

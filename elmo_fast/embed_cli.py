@@ -19,6 +19,8 @@ __all__ = ["add_embed_parser", "shard_path"]
 
 
 def add_embed_parser(sub: Any) -> None:
+    from elmo_fast.cli import positive_int
+
     p = sub.add_parser("embed", help="embed a corpus (one tokenized sentence per line) into an hdf5 file",
                        description="Embed a text file (one whitespace-tokenized sentence per line) with ELMo into an "
                                    "hdf5 file in the layout of AllenNLP 0.9's `allennlp elmo`.")
@@ -54,7 +56,7 @@ def add_embed_parser(sub: Any) -> None:
     p.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
                    help="invalid UTF-8: stop with an error naming the line (strict) or use U+FFFD (replace)")
     p.add_argument("--no-merge", action="store_true", help="under torchrun: keep the shards, write an index JSON")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=embed_main)
 
@@ -101,7 +103,7 @@ def _prepare(args: argparse.Namespace, output: str, shard=(0, 1)):
 def embed_main(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _embed_distributed(args)

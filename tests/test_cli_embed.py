@@ -83,6 +83,12 @@ def test_cli_errors_before_computation(model, tmp_path, capsys):
     assert "sentences/s" in err or "dtype float16 is not supported" in err
     with pytest.raises(SystemExit):
         cli.main(args(model, source, tmp_path / "o2.hdf5", "--all", "--top"))
+    capsys.readouterr()
+    for threads in ("0", "-1", "two"):  # 0 once meant "torch's default" without a word
+        with pytest.raises(SystemExit):
+            cli.main(args(model, source, tmp_path / "o3.hdf5", "--all", "--threads", threads))
+        assert "argument --threads: expected a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "o3.hdf5").exists()
 
 
 def test_cli_stateless_sorted_equals_api_and_resume(model, tmp_path, monkeypatch):
