@@ -137,6 +137,11 @@ def case_highway(rng, cfg):
     Fd = rng.choice([1, 2, 3, 5, 8, 16, 33])
     L = rng.choice([0, 1, 1, 2, 3])
     scale = rng.choice([0.1, 1.0, 1.0, 3.0, 30.0])
+    if dtype == torch.bfloat16 and L > 1:
+        # At scale 30 a gate's pre-activation is a difference of terms near 1e4, so one bf16 ulp in a
+        # layer's output flips the next gate from 0 to 1 (case 1069770704: the float64 reference gives
+        # 740 from the op's own layer-0 output and 2e-20 from the exactly rounded one): not judgeable.
+        scale = min(scale, 3.0)
     cfg.update(dtype=str(dtype), N=N, F=Fd, L=L, scale=scale)
     x = torch.randn(N, Fd, dtype=torch.float64) * scale
     ws = [torch.randn(2 * Fd, Fd, dtype=torch.float64) / math.sqrt(Fd) * scale for _ in range(L)]
@@ -158,7 +163,10 @@ def case_highway(rng, cfg):
         g = grads([y], xs, [up.to(dtype)])
         gr = grads([yr], xr, [up])
         for k, (a, e) in enumerate(zip(g, gr)):
-            compare(f"highway grad[{k}]", a, e, dtype, scale_tol=10 if dtype == torch.float32 else 1)
+            # float32 at scale 30 over 3 layers: gradients near 1e6 built from products of scale-30
+            # weights, where 3.4e-3 relative was reached (case 1953125484).
+            f32_tol = 30 if scale > 3 else 10
+            compare(f"highway grad[{k}]", a, e, dtype, scale_tol=f32_tol if dtype == torch.float32 else 1)
 
 
 # --- char_cnn --------------------------------------------------------------------------------------
@@ -823,10 +831,12 @@ def main():
     args = ap.parse_args()
     areas = [a for a in args.only.split(",") if a] or list(AREAS)
     if args.case_seed is not None:
+        failed = False
         for area in areas:
             status, cfg, dt = run_case(area, args.case_seed, verbose=True)
             print(f"[{area} --case-seed {args.case_seed}] {status or 'ok'} ({dt:.2f}s) cfg={cfg}")
-        return 1 if status else 0
+            failed = failed or status is not None
+        return 1 if failed else 0
     master = random.Random(args.seed)
     deadline = time.time() + 60 * args.minutes
     counts = {a: 0 for a in areas}
@@ -846,6 +856,7 @@ def main():
             seen.add(sig)
             print(f"FAIL [{area} --case-seed {case_seed}]{tag} {status}\n    cfg={cfg}", flush=True)
     print("cases:", counts, "failures:", fails, flush=True)
+    return 1 if any(fails.values()) else 0  # a campaign with failures fails, as a test run would
 
 
 if __name__ == "__main__":
