@@ -684,6 +684,12 @@ def case_stateful(rng, cfg):
     if os.environ.get("FUZZ_FORCE_F64"):
         dtype = torch.float64
     files = elmo_files(rng, cfg)
+    if dtype == torch.float32 and cfg["elmo_opts"]["weight_scale"] == 3.0:
+        # Weights x3 with state carried over calls: chaotic. Case 509099841's float32 run moved by 2.1 (of 25)
+        # from changing only the GEMM backend (mm vs oneDNN: summation order); in case 419267301 weights
+        # changed by about one float32 ulp moved even the float64 reference by 1.0-1.4 (of 6.4) and the
+        # float32 reference by 0.3-5.7. Both cases pass in float64: float32 cannot be judged there.
+        dtype = torch.float64
     options, state = load_weights(*files)
     state = {k: v.double() for k, v in state.items()}  # the module's float32 values, as float64
     bilm = elmo_fast.ElmoBiLm(*files, stateful=True).to(dtype)
