@@ -11,7 +11,6 @@ failing case is reproduced by its area and case seed alone (the CPU auto-choices
 are the only state carried between cases; the case sets the modes it uses).
 """
 import argparse
-import contextlib
 import math
 import os
 import random
@@ -122,10 +121,6 @@ def pick_dtype(rng, bf16=True):
     if r < 0.85 or not bf16:
         return torch.float32
     return torch.bfloat16
-
-
-def ref_dtype(dtype):
-    return torch.float64
 
 
 # --- highway ---------------------------------------------------------------------------------------
@@ -437,7 +432,7 @@ def case_nnlstm(rng, cfg):
         hxr = tuple(leaf(h, rg) for h in hx) if hx else None
         hxo = tuple(leaf(h.to(dtype), rg) for h in hx) if hx else None
 
-        def run(mod, xin, hxin, dt):
+        def run(mod, xin, hxin):
             if mode == "batched":
                 inp = xin if bf else xin.transpose(0, 1)
                 out, (h, c) = mod(inp, hxin)
@@ -457,11 +452,9 @@ def case_nnlstm(rng, cfg):
             hxr = tuple(leaf(h[:, :1], rg) for h in hx)
             hxo = tuple(leaf(h[:, :1].to(dtype), rg) for h in hx)
         torch.manual_seed(call)
-        o = run(ours, xo, hxo, dtype)
+        o = run(ours, xo, hxo)
         torch.manual_seed(call)
-        e = run(ref, xr, hxr, torch.float64)
-        if train and False:
-            pass
+        e = run(ref, xr, hxr)
         st = max(1, T) * layers * (3 if dtype == torch.float32 else 1)
         for name, x1, x2 in zip(("out", "h_n", "c_n"), o, e):
             compare(f"nnlstm call{call} {name}", x1, x2, dtype, st)
@@ -541,7 +534,6 @@ def random_sentences(rng, B, maxlen):
 
 
 def case_elmo(rng, cfg):
-    import elmo_fast.synthetic  # noqa: F401
     from elmo_fast.weights import load_weights
     set_runtime_modes(rng, cfg)
     dtype = rng.choice([torch.float64, torch.float64, torch.float32])
@@ -563,9 +555,6 @@ def case_elmo(rng, cfg):
     calls = rng.choice([1, 1, 3])
     cfg.update(dtype=str(dtype), sents=sents, ids_shape=tuple(ids.shape), grad=rg, what=what, nrep=nrep,
                layer_norm=layer_norm, keep=keep, calls=calls)
-    if ids.shape[0] == 0:   # the reference cannot reshape an empty batch: check shapes only
-        empty_batch_checks(files, ids, dtype, what, nrep, layer_norm, keep, options)
-        return
     acts, mask, h_n, c_n = R.elmo_bilm(ids, state, options)
     st = 10 * (3 if dtype == torch.float32 else 1)
     if what == "encoder":
@@ -574,10 +563,9 @@ def case_elmo(rng, cfg):
             out = enc(ids)
             compare("encoder mask", out["mask"].double(), mask.double(), dtype)
             ids_b, _ = R.add_sentence_boundaries(ids)
-            tok_ref = R.char_encoder(ids_b, state, options) if ids.shape[0] else None
-            if tok_ref is not None:
-                compare(f"encoder tok call{call}", out["token_embedding"], tok_ref, dtype, st)
-        if rg and ids.shape[0]:
+            tok_ref = R.char_encoder(ids_b, state, options)
+            compare(f"encoder tok call{call}", out["token_embedding"], tok_ref, dtype, st)
+        if rg:
             st_r = {k: leaf(v) for k, v in state.items()}
             tok_ref = R.char_encoder(ids_b, st_r, options)
             up = torch.randn(*tok_ref.shape, dtype=torch.float64)
@@ -653,27 +641,6 @@ def case_elmo(rng, cfg):
         if nrep == 0:
             ref_mask = mask if keep else R.remove_sentence_boundaries(acts[0], mask)[1]
         compare("elmo mask", out["mask"].double(), ref_mask.double(), dtype)
-
-
-def empty_batch_checks(files, ids, dtype, what, nrep, layer_norm, keep, options):
-    P, L = options["lstm"]["projection_dim"], options["lstm"]["n_layers"]
-    T = ids.shape[1]
-    if what == "encoder":
-        out = elmo_fast.ElmoCharacterEncoder(*files).to(dtype)(ids)
-        want = {"mask": (0, T + 2), "token_embedding": (0, T + 2, P)}
-        got = {k: tuple(v.shape) for k, v in out.items()}
-    elif what in ("bilm", "lstm"):
-        out = elmo_fast.ElmoBiLm(*files, stateful=False).to(dtype)(ids)
-        want = {"mask": (0, T + 2), "activations": [(0, T + 2, 2 * P)] * (L + 1)}
-        got = {"mask": tuple(out["mask"].shape), "activations": [tuple(a.shape) for a in out["activations"]]}
-    else:
-        out = elmo_fast.Elmo(*files, nrep, dropout=0.0, do_layer_norm=layer_norm, keep_sentence_boundaries=keep,
-                             stateful=False).to(dtype)(ids)
-        Tk = T + 2 if keep else T
-        want = {"mask": (0, Tk), "reps": [(0, Tk, 2 * P)] * nrep}
-        got = {"mask": tuple(out["mask"].shape), "reps": [tuple(r.shape) for r in out["elmo_representations"]]}
-    if got != want:
-        raise Mismatch(f"empty batch {what}: shapes {got} != {want}")
 
 
 def case_stateful(rng, cfg):
