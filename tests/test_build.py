@@ -1,8 +1,11 @@
 """The extension's build facts and the loader's error messages."""
+import concurrent.futures
 import os
 import platform
+import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -87,6 +90,63 @@ def test_tensor_core_kernels_build_for_archs_below_sm80(tmp_path, source):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr, result.stderr
+
+
+def _ptxas_report(source, arch):
+    """ptxas's resource report of one .cu file for one arch (a cubin only: no host compile, no link)."""
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run([nvcc_path(), "-std=c++17", "-cubin", f"-arch={arch}", "--resource-usage",
+                                 f"-I{csrc}", f"-I{csrc / 'include'}", str(source), "-o", f"{tmp}/k.cubin"],
+                                capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+def parse_ptxas_report(report):
+    """{function: (stack frame bytes, spill store bytes, spill load bytes)} from ptxas's -v lines."""
+    functions = {}
+    current = None
+    for line in report.splitlines():
+        heading = re.search(r"Function properties for (\S+)", line)
+        if heading:
+            current = heading.group(1)
+            continue
+        sizes = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if sizes and current is not None:
+            functions[current] = tuple(int(n) for n in sizes.groups())
+            current = None
+    return functions
+
+
+def test_parse_ptxas_report():
+    report = """ptxas info    : Compiling entry function '_Z1kv' for 'sm_90'
+ptxas info    : Function properties for _Z1kv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 124 registers, used 1 barriers
+ptxas info    : Function properties for _Z1gv
+    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads"""
+    assert parse_ptxas_report(report) == {"_Z1kv": (0, 0, 0), "_Z1gv": (16, 8, 4)}
+
+
+@pytest.mark.skipif(not elmo_fast.build_info()["cuda"] or nvcc_path() is None, reason="needs a CUDA build and nvcc")
+def test_kernels_do_not_spill():
+    """Every kernel, for both archs the wheel targets, keeps its state in registers: no spill to local
+    memory and no stack frame (a dynamically indexed local array, or a register budget the launch bounds
+    cannot meet, would put it there, and the persistent LSTM's weights-on-chip design depends on it).
+    ptxas's numbers need no GPU, so a regression shows in CI and not in the GPU session's few minutes."""
+    sources = sorted((Path(__file__).resolve().parents[1] / "csrc" / "cuda").glob("*.cu"))
+    jobs = [(source, arch) for source in sources for arch in ("sm_80", "sm_90")]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        reports = list(pool.map(lambda job: _ptxas_report(*job), jobs))
+    offenders = {}
+    for (source, arch), report in zip(jobs, reports):
+        functions = parse_ptxas_report(report)
+        assert functions, f"no ptxas report for {source.name} on {arch}:\n{report}"
+        for name, sizes in functions.items():
+            if any(sizes):
+                offenders[f"{source.name} {arch} {name}"] = sizes
+    assert not offenders, f"(stack frame, spill stores, spill loads) in bytes: {offenders}"
 
 
 def test_torch_version_mismatch_is_a_clear_error(monkeypatch):

@@ -3,7 +3,9 @@ and UndefinedBehaviorSanitizer (compute-sanitizer's memcheck, on the CPU: an out
 of a kernel, in global or shared memory, fails the run with the kernel's source line), and
 ThreadSanitizer (its racecheck: the block's threads are OS threads and the kernel's barriers are real
 ones, so two accesses to the same address with no barrier between them, one a write, are a data race).
-ThreadSanitizer runs a few cases per kernel: it is slow, and a race shows in any of them."""
+ThreadSanitizer runs a few cases per kernel: it is slow, and a race shows in any of them. The ASan run
+is every simulated test, so a session that collects this file leaves their unsanitized runs out
+(tests/conftest.py)."""
 import os
 import pathlib
 import subprocess
