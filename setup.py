@@ -5,6 +5,7 @@ Always build with `pip install --no-build-isolation ...`: the extension must be 
 the torch that will import it (torch is deliberately not in build-system.requires).
 """
 import glob
+import importlib.util
 import os
 import sys
 
@@ -39,6 +40,19 @@ except ImportError:
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # A100, H100 (+PTX so newer GPUs JIT from sm_90)
+
+
+def default_cuda_archs() -> str:
+    """DEFAULT_CUDA_ARCHS, plus the archs of the GPUs visible at build time that it has no code for
+    (a T4 or V100 user's `pip install` then builds for their GPU). The rules are in
+    elmo_fast/_cuda_support.py, loaded by path: the package itself is not built yet."""
+    capabilities = []
+    if torch.cuda.is_available():
+        capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    spec = importlib.util.spec_from_file_location("_cuda_support", os.path.join(ROOT, "elmo_fast", "_cuda_support.py"))
+    cuda_support = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_support)
+    return cuda_support.archs_with_visible_gpus(DEFAULT_CUDA_ARCHS, capabilities)
 
 
 def want_cuda() -> bool:
@@ -85,7 +99,9 @@ def extension():
         return CppExtension("elmo_fast._C", sources, include_dirs=include_dirs, define_macros=macros,
                             extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=True)
     # No GPU at build time means torch cannot guess the archs (and crashes); default to a short list.
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_archs()
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
                 + sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_glue.cpp")))]
     macros += [("WITH_CUDA", None), ("ELMO_FAST_CUDA_ARCHS", c_string(archs))]

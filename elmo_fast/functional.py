@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from elmo_fast import _cuda_support
 from elmo_fast import _ops  # noqa: F401  (registers torch.ops.elmo_fast.*)
 
 __all__ = ["highway", "char_cnn", "lstm_projection", "lstm_bidirectional"]
@@ -32,6 +33,33 @@ def _check_float_dtype(t: torch.Tensor, name: str) -> None:
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"{name} must have dtype {names} on {t.device.type}, got {str(t.dtype).replace('torch.', '')}")
+    if t.device.type == "cuda" and not torch.compiler.is_compiling():
+        _check_cuda_device(t.device.index if t.device.index is not None else torch.cuda.current_device(), name)
+
+
+def _cuda_device_problem(index: int, name: str) -> Optional[str]:
+    """Why this build cannot run on CUDA device index, where tensor name is, or None."""
+    import elmo_fast
+
+    info = elmo_fast.build_info()
+    if not info["cuda"]:
+        return (f"{name} is on cuda, but this elmo_fast was built without its CUDA kernels (no CUDA toolkit "
+                f"at build time, or ELMO_FAST_CUDA=0). Rebuild on a machine with nvcc, from the source tree: "
+                f"ELMO_FAST_CUDA=1 pip install --no-build-isolation -e .")
+    return _cuda_support.unsupported_gpu_message(name, ";".join(info["cuda_arch"]),
+                                                 torch.cuda.get_device_capability(index),
+                                                 f"cuda:{index} ({torch.cuda.get_device_name(index)})")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_ok(index: int) -> bool:
+    return _cuda_device_problem(index, "") is None
+
+
+def _check_cuda_device(index: int, name: str) -> None:
+    """Once per device (cached): a GPU this build has no code for is a clear error before any op."""
+    if not _cuda_device_ok(index):
+        raise RuntimeError(_cuda_device_problem(index, name))
 
 
 def _check_like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
