@@ -9,12 +9,23 @@ from typing import List, Optional
 import torch
 
 
+def _device_info(index: int, info: dict) -> dict:
+    """A GPU's name and capability, and whether this build has code for it (elmo_fast/_cuda_support.py;
+    null when the build's arch list is not numbers)."""
+    from elmo_fast import _cuda_support
+
+    capability = torch.cuda.get_device_capability(index)
+    targets = _cuda_support.parse_arch_list(";".join(info["cuda_arch"])) if info["cuda"] else []
+    runs = None if targets is None else _cuda_support.runs_on(targets, capability)
+    return {"name": torch.cuda.get_device_name(index), "capability": "%d.%d" % capability, "runs_this_build": runs}
+
+
 def _info(args: argparse.Namespace) -> int:
     import elmo_fast
 
     info = elmo_fast.build_info()
     info["cuda_available"] = torch.cuda.is_available()
-    info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info["devices"] = [_device_info(i, info) for i in range(torch.cuda.device_count())]
     info["threads"] = torch.get_num_threads()
     # The run-time switches in force (environment variables or their defaults): what will run here.
     from elmo_fast import wavefront

@@ -106,3 +106,18 @@ def test_this_gpu_runs_this_build():
     functional._cuda_device_ok.cache_clear()
     index = torch.cuda.current_device()
     assert functional._cuda_device_problem(index, "x") is None
+
+
+def test_cli_info_says_which_gpus_run_this_build(fake_gpu, monkeypatch, capsys):
+    import json
+
+    from elmo_fast import cli
+
+    fake_gpu((7, 5))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    capabilities = {0: (7, 5), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capabilities[index])
+    assert cli.main(["info"]) == 0
+    devices = json.loads(capsys.readouterr().out)["devices"]
+    assert devices == [{"name": "Fake GPU", "capability": "7.5", "runs_this_build": False},
+                       {"name": "Fake GPU", "capability": "9.0", "runs_this_build": True}]
