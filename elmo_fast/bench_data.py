@@ -11,6 +11,7 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 from typing import Dict, List, Tuple
 
 # Stdlib modules with long prose docstrings; a fixed list keeps the text identical across runs.
@@ -32,7 +33,9 @@ def english_tokens() -> Tuple[str, ...]:
         docs = [module.__doc__ or ""]
         for attr in sorted(vars(module)):
             obj = getattr(module, attr, None)
-            doc = getattr(obj, "__doc__", None)
+            with warnings.catch_warnings():  # typing.io and typing.re warn when their __doc__ is read
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = getattr(obj, "__doc__", None)
             if isinstance(doc, str) and getattr(obj, "__module__", None) == module.__name__:
                 docs.append(doc)
         for doc in docs:
