@@ -46,22 +46,25 @@ def runs_on(targets: List[Target], capability: Tuple[int, int]) -> bool:
     return False
 
 
+def arch_list_runs_on(arch_list: str, capability: Tuple[int, int]) -> Optional[bool]:
+    """Whether code built for TORCH_CUDA_ARCH_LIST=arch_list runs on this capability; None when the
+    list is not understood."""
+    targets = parse_arch_list(arch_list)
+    return None if targets is None else runs_on(targets, capability)
+
+
 def archs_with_visible_gpus(default: str, capabilities: List[Tuple[int, int]]) -> str:
     """The default arch list plus each visible GPU's capability that it does not run on (a T4's 7.5
     beside the default 8.0;9.0+PTX), so that `pip install` on a machine with a GPU builds for it."""
-    targets = parse_arch_list(default)
-    extra = []
-    for capability in sorted(set(capabilities)):
-        if targets is not None and not runs_on(targets, capability):
-            extra.append(f"{capability[0]}.{capability[1]}")
-    return ";".join([default] + extra) if extra else default
+    extra = [f"{major}.{minor}" for major, minor in sorted(set(capabilities))
+             if arch_list_runs_on(default, (major, minor)) is False]
+    return ";".join([default] + extra)
 
 
 def unsupported_gpu_message(name: str, arch_list: str, capability: Tuple[int, int], gpu: str) -> Optional[str]:
     """Why tensor name's GPU cannot run this build's kernels, or None when it can (or when the build's
     arch list is not understood: CUDA's own error then stands)."""
-    targets = parse_arch_list(arch_list)
-    if targets is None or runs_on(targets, capability):
+    if arch_list_runs_on(arch_list, capability) is not False:
         return None
     cap = f"{capability[0]}.{capability[1]}"
     return (f"{name} is on {gpu} (compute capability {cap}), but elmo_fast's CUDA kernels were built for "

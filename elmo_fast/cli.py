@@ -15,8 +15,7 @@ def _device_info(index: int, info: dict) -> dict:
     from elmo_fast import _cuda_support
 
     capability = torch.cuda.get_device_capability(index)
-    targets = _cuda_support.parse_arch_list(";".join(info["cuda_arch"])) if info["cuda"] else []
-    runs = None if targets is None else _cuda_support.runs_on(targets, capability)
+    runs = info["cuda"] and _cuda_support.arch_list_runs_on(";".join(info["cuda_arch"]), capability)
     return {"name": torch.cuda.get_device_name(index), "capability": "%d.%d" % capability, "runs_this_build": runs}
 
 

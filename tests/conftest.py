@@ -40,17 +40,18 @@ def pytest_collection_modifyitems(config, items):
     UBSan, which also check the arithmetic: when it is collected and ASan is there, the unsanitized runs
     of the same tests are left out of the session (about 40 s of CI's 2 cores, the simulator's build
     included). Run a test_cuda_sim_*.py file on its own for the unsanitized run."""
+    sanitized = "test_cuda_sim_sanitized.py"
     if os.environ.get("ELMO_FAST_SIM_SANITIZE"):  # this is the sanitized run itself
         return
-    if not any(item.path.name == "test_cuda_sim_sanitized.py" for item in items):
+    if not any(item.path.name == sanitized for item in items):
         return
     import cuda_sim
 
     if cuda_sim.unavailable() or cuda_sim.sanitizer_preload("address") is None:
         return
-    rerun = [item for item in items
-             if item.path.name.startswith("test_cuda_sim_") and item.path.name != "test_cuda_sim_sanitized.py"]
-    if rerun:
-        config.hook.pytest_deselected(items=rerun)
-        left_out = set(rerun)
-        items[:] = [item for item in items if item not in left_out]
+
+    def rerun(item):
+        return item.path.name.startswith("test_cuda_sim_") and item.path.name != sanitized
+
+    config.hook.pytest_deselected(items=[item for item in items if rerun(item)])
+    items[:] = [item for item in items if not rerun(item)]

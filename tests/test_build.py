@@ -79,26 +79,29 @@ def nvcc_path():
     return path if os.path.exists(path) else None
 
 
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+def nvcc(*args):
+    """nvcc with the project's include dirs and C++ standard (the .cu files need no torch headers)."""
+    return subprocess.run([nvcc_path(), "-std=c++17", f"-I{CSRC}", f"-I{CSRC / 'include'}", *args],
+                          capture_output=True, text=True)
+
+
 @pytest.mark.skipif(not elmo_fast.build_info()["cuda"] or nvcc_path() is None, reason="needs a CUDA build and nvcc")
 @pytest.mark.parametrize("source", ["char_cnn_tc.cu", "lstm_persistent.cu"])
 def test_tensor_core_kernels_build_for_archs_below_sm80(tmp_path, source):
     """A pre-Ampere arch in TORCH_CUDA_ARCH_LIST (a T4's 7.5) must still build: bf16 WMMA does not exist
     there, so the kernel bodies are left out (ELMO_FAST_TENSOR_CORE_ARCH) and the glue never launches them."""
-    csrc = Path(__file__).resolve().parents[1] / "csrc"
-    result = subprocess.run([nvcc_path(), "-std=c++17", "-arch=sm_75", f"-I{csrc}", f"-I{csrc / 'include'}", "-c",
-                             str(csrc / "cuda" / source), "-o", str(tmp_path / "kernel.o")],
-                            capture_output=True, text=True)
+    result = nvcc("-arch=sm_75", "-c", str(CSRC / "cuda" / source), "-o", str(tmp_path / "kernel.o"))
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr, result.stderr
 
 
 def _ptxas_report(source, arch):
     """ptxas's resource report of one .cu file for one arch (a cubin only: no host compile, no link)."""
-    csrc = Path(__file__).resolve().parents[1] / "csrc"
     with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run([nvcc_path(), "-std=c++17", "-cubin", f"-arch={arch}", "--resource-usage",
-                                 f"-I{csrc}", f"-I{csrc / 'include'}", str(source), "-o", f"{tmp}/k.cubin"],
-                                capture_output=True, text=True)
+        result = nvcc("-cubin", f"-arch={arch}", "--resource-usage", str(source), "-o", f"{tmp}/k.cubin")
     assert result.returncode == 0, result.stderr
     return result.stdout + result.stderr
 
@@ -135,7 +138,7 @@ def test_kernels_do_not_spill():
     memory and no stack frame (a dynamically indexed local array, or a register budget the launch bounds
     cannot meet, would put it there, and the persistent LSTM's weights-on-chip design depends on it).
     ptxas's numbers need no GPU, so a regression shows in CI and not in the GPU session's few minutes."""
-    sources = sorted((Path(__file__).resolve().parents[1] / "csrc" / "cuda").glob("*.cu"))
+    sources = sorted((CSRC / "cuda").glob("*.cu"))
     jobs = [(source, arch) for source in sources for arch in ("sm_80", "sm_90")]
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         reports = list(pool.map(lambda job: _ptxas_report(*job), jobs))
